@@ -1,0 +1,239 @@
+"""Typed run configuration: defaults < YAML file < command line.
+
+The field names are the command-line flags of the original Swin HyperIQA scripts
+(``--model_size``, ``--ranking_loss_alpha`` ...), so their commands keep working.
+Every boolean ``x`` also has ``--no_x``; ``--no_lr_scheduler`` and ``--no_spaq`` are
+kept as the aliases they were.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message is one line meant for people."""
+
+
+@dataclass
+class Config:
+    # -- model
+    model_size: str = "tiny"  # tiny | small | base | resnet50 | micro (CPU tests, demo)
+    multiscale: bool = True  # concat of all four stages as hyper-network input
+    attention_fusion: bool = False  # experimental, rejected in the original ablation
+    dropout_rate: float = 0.3
+    drop_path_rate: float = 0.2
+    pretrained: bool = False  # backbone weights from timm's hub (needs network)
+    pretrained_path: str | None = None  # local .pth/.safetensors backbone weights
+    # -- loss
+    ranking_loss_alpha: float = 0.5
+    ranking_loss_margin: float = 0.1
+    # -- optimisation
+    epochs: int = 10
+    batch_size: int = 96  # patches per optimiser step, across all ranks
+    lr: float = 1e-5  # backbone and LDA taps
+    lr_ratio: float = 10.0  # hyper network lr = lr * lr_ratio
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "cosine"  # cosine | step | none
+    eta_min_ratio: float = 0.01  # cosine floor, relative to each group's lr
+    step_size: int = 6  # step schedule: epochs between decays
+    step_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    # -- early stopping and selection (validation split only)
+    early_stopping: bool = True
+    patience: int = 5
+    # -- data
+    dataset: str = "koniq-10k"  # packed set under shards_root, or a path to one
+    shards_root: str = "shards"
+    train_patch_num: int = 20  # random crops per image per epoch
+    test_patch_num: int = 20  # deterministic grid crops per image at evaluation
+    test_random_crop: bool = False  # seeded random crops at evaluation instead of a grid
+    patch_size: int = 224
+    workers: int = 2  # data loader processes per rank
+    shuffle_buffer: int = 2000  # patches mixed across images before batching
+    split_round: int = 0  # which seeded split of the manifest to use
+    rounds: int = 1  # train this many seeded splits and report median and spread
+    spaq: bool = True  # cross-data-set test on shards_root/spaq after training, if packed
+    cross_datasets: list[str] = field(default_factory=list)  # more sets to test on after training
+    # -- run
+    run_dir: str | None = None  # default: runs/<dataset>-<model_size>-<time>
+    seed: int = 42
+    deterministic: bool = False
+    resume: str | None = None  # latest | path to a checkpoint directory
+    max_steps_per_epoch: int = 0  # cap steps per epoch (0: a full pass); for quick runs
+    log_every: int = 10
+    plots: bool = True
+
+
+_ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
+    "no_lr_scheduler": ("lr_scheduler", "none"),
+}
+_CHOICES = {
+    "model_size": ("tiny", "small", "base", "resnet50", "micro"),
+    "lr_scheduler": ("cosine", "step", "none"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+}
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _nearest(name: str) -> str:
+    match = difflib.get_close_matches(name, list(FIELDS) + list(_ALIASES), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check ``value`` against the field's type; ints are accepted where floats are."""
+    hint = _HINTS[name]
+    optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: must not be null")
+    base = next(a for a in hint.__args__ if a is not type(None)) if optional else hint
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+        return list(value)
+    ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{name}: expected {base.__name__}, got {value!r}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_CHOICES[name])}")
+    return value
+
+
+def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "config") -> Config:
+    """A new config from ``base`` with ``values`` applied, every key and value checked."""
+    updates = {}
+    for key, value in values.items():
+        if key in _ALIASES:
+            key, value = _ALIASES[key] if value else (key, None)
+            if value is None:
+                continue
+        elif key.startswith("no_") and key[3:] in FIELDS and _HINTS[key[3:]] is bool:
+            key, value = key[3:], not value
+        if key not in FIELDS:
+            raise ConfigError(f"{where}: unknown key {key!r}{_nearest(key)}")
+        try:
+            updates[key] = _coerce(key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return dataclasses.replace(base or Config(), **updates)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML loading that rejects a key given twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicated key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | os.PathLike, base: Config | None = None) -> Config:
+    try:
+        with open(path) as f:
+            values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return from_dict(values, base, where=str(path))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_yaml(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _parse_value(name: str, text: str) -> Any:
+    """Command-line text to a value of the field's type (YAML syntax for lists and null)."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) is list:  # "[a, b]" or a single item
+        value = yaml.safe_load(text)
+        return value if isinstance(value, list) else [text]
+    types_ = getattr(hint, "__args__", (hint,))
+    if text.lower() in ("null", "none") and type(None) in types_:
+        return None
+    if str in types_:
+        return text
+    for number in (int, float):
+        if number in types_:
+            try:
+                return number(text)  # YAML would read "3e-4" as a string
+            except ValueError:
+                pass
+    return yaml.safe_load(text)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per field (plus ``--no_<bool>`` and aliases)."""
+    parser.add_argument("--config", help="YAML file with any of the flags below as keys")
+    group = parser.add_argument_group("run configuration (override the YAML)")
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if _HINTS[name] is bool:
+            group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS,
+                               help=f"(default {default})")
+            group.add_argument(f"--no_{name}", action="store_true", default=argparse.SUPPRESS)
+        else:
+            group.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="VALUE",
+                               help=f"(default {default})")
+    for alias, (target, value) in _ALIASES.items():
+        group.add_argument(f"--{alias}", action="store_true", default=argparse.SUPPRESS,
+                           help=f"same as --{target} {value}")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
+    given = {k: v for k, v in vars(args).items() if k in FIELDS or k in _ALIASES
+             or (k.startswith("no_") and k[3:] in FIELDS)}
+    values = {k: v if isinstance(v, bool) else _parse_value(k, v) for k, v in given.items()}
+    return from_dict(values, cfg, where="command line")
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
+    """Parse a command line into a Config; an unknown flag names the nearest valid one."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    add_config_args(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].lstrip("-").split("=")[0]
+        parser.error(f"unknown flag {unknown[0]!r}{_nearest(flag)}")
+    try:
+        return config_from_args(args)
+    except ConfigError as err:
+        parser.error(str(err))

@@ -1,0 +1,66 @@
+"""Opening image files the way IQA needs: 8-bit RGB, original pixels, clear errors."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+Image.MAX_IMAGE_PIXELS = None  # SPAQ's smartphone photos trip PIL's bomb check
+
+# Modes PIL decodes to 8-bit RGB without changing what a viewer sees.
+_DIRECT = {"RGB"}
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; the message says why in a few words."""
+
+
+def open_rgb(data: bytes, where: str = "image") -> tuple[Image.Image, str | None]:
+    """Decode ``data`` fully; return an RGB image and what was converted (None: nothing).
+
+    Truncated files fail here rather than later in a training worker.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadImage(f"{where}: unreadable image ({err})") from None
+    if img.mode in _DIRECT:
+        return img, None
+    return to_rgb8(img), img.mode
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """16-bit, grey, palette, CMYK and alpha images to 8-bit RGB (alpha over white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Open a file as 8-bit RGB, or raise BadImage naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise BadImage(f"{path}: cannot read ({err.strerror})") from None
+    return open_rgb(data, str(path))[0]
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)  # lossless; level 1 is 5x faster than 6
+    return buf.getvalue()
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()

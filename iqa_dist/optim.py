@@ -1,0 +1,64 @@
+"""AdamW with HyperIQA's two learning rates, and the per-step learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import Config
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Backbone and LDA taps at ``lr``, the hyper network at ``lr * lr_ratio``.
+
+    Biases and norm weights (1-d tensors) get no weight decay, as in timm.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        slow = name.startswith(("backbone.", "lda"))
+        decay = p.ndim > 1
+        groups.setdefault((slow, decay), []).append(p)
+    return [{"params": params, "lr": cfg.lr if slow else cfg.lr * cfg.lr_ratio,
+             "weight_decay": cfg.weight_decay if decay else 0.0,
+             "name": f"{'backbone' if slow else 'hyper'}{'' if decay else '_no_decay'}"}
+            for (slow, decay), params in sorted(groups.items(), reverse=True)]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class LrSchedule:
+    """Multiplier of each group's initial lr after ``step`` optimiser steps.
+
+    The cosine floor is relative (``eta_min_ratio`` x each group's lr): a fixed floor
+    would raise a small lr instead of lowering it. A plain object, so that
+    ``LambdaLR.state_dict`` stores it as numbers.
+    """
+
+    def __init__(self, cfg: Config, steps_per_epoch: int) -> None:
+        self.kind = cfg.lr_scheduler
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = cfg.epochs
+        self.eta_min_ratio = cfg.eta_min_ratio
+        self.step_size, self.step_gamma = cfg.step_size, cfg.step_gamma
+        self.warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        epoch = step / self.steps_per_epoch
+        if self.kind == "cosine":
+            t = min(1.0, (step - self.warmup_steps) / max(1, self.epochs * self.steps_per_epoch - self.warmup_steps))
+            return self.eta_min_ratio + (1 - self.eta_min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if self.kind == "step":
+            return self.step_gamma ** int(epoch // self.step_size)
+        return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(cfg, steps_per_epoch))

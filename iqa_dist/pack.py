@@ -1,0 +1,410 @@
+"""Pack a native IQA data set into WebDataset shards with a Parquet manifest.
+
+    python -m iqa_dist.pack --dataset koniq-10k --root /data/koniq --out shards/koniq-10k
+    python -m iqa_dist.pack --dataset demo --out shards/demo
+
+Output: ``NAME-00000.tar`` ... (one sample per image: the image bytes under their
+format's extension, plus ``json`` with label and ids), ``manifest.parquet`` (one row per
+image, with ``split_<r>`` columns for each seeded split round), ``_info.json`` (counts
+and shard lengths per split), ``card.json``/``card.md`` and ``pack_report.json``.
+
+Shards hold every image once; splits live in the manifest, so N split rounds cost no
+extra storage. Each shard is written under a temporary name and renamed when complete,
+with its rows beside it: a re-run skips finished shards and continues.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from .images import BadImage, encode_jpeg, encode_png, open_rgb
+from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class PackOptions:
+    resize: str = "none"  # none | koniq | koniq-faithful | short:N
+    lossy_quality: int = 0  # >0: store resized/converted images as JPEG of this quality
+    shard_size: int = 500  # images per shard
+    seed: int = 0
+    rounds: int = 10  # seeded split rounds (the original protocol reports 10)
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def resize_policy(img: Image.Image, policy: str) -> Image.Image | None:
+    """The resized image, or None when the policy leaves it alone."""
+    if policy == "none":
+        return None
+    if policy == "koniq":  # KonIQ's 512x384, keeping landscape/portrait orientation
+        size = (512, 384) if img.width >= img.height else (384, 512)
+    elif policy == "koniq-faithful":  # the original's Resize((512, 384)): 384 wide, 512 tall
+        size = (384, 512)
+    elif policy.startswith("short:"):
+        short = int(policy.split(":", 1)[1])
+        scale = short / min(img.size)
+        if scale >= 1:
+            return None
+        size = (round(img.width * scale), round(img.height * scale))
+    else:
+        raise ValueError(f"unknown resize policy {policy!r}")
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def stored_image(path: Path, options: PackOptions) -> tuple[bytes, str, Image.Image, str | None]:
+    """Bytes to store, their extension, the decoded image, and a note on any conversion.
+
+    Labels describe the original pixels: original bytes are kept whenever possible.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadImage(f"{path}: missing (named in the label file)") from None
+    except OSError as err:
+        raise BadImage(f"{path}: cannot read ({err.strerror})") from None
+    img, converted = open_rgb(data, str(path))
+    resized = resize_policy(img, options.resize)
+    ext = path.suffix.lower().lstrip(".") or "img"
+    ext = {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext)
+    if resized is None and converted is None:
+        return data, ext, img, None
+    out = resized or img
+    note = f"converted from {converted}" if converted else None
+    if options.lossy_quality:
+        return encode_jpeg(out, options.lossy_quality), "jpg", out, note
+    return encode_png(out), "png", out, note
+
+
+# ---------------------------------------------------------------- shards
+
+
+def shard_name(dataset: str, index: int) -> str:
+    return f"{dataset}-{index:05d}.tar"
+
+
+def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str, list[dict], list[Skipped]]:
+    """Write one shard atomically; return its manifest rows and what was skipped."""
+    tar_path, dataset, records, options = job
+    rows_path = tar_path.with_suffix(".rows.json")
+    if tar_path.exists() and rows_path.exists():  # finished by an earlier run
+        done = json.loads(rows_path.read_text())
+        return tar_path.name, done["rows"], [Skipped(**s) for s in done["skipped"]]
+    rows, skipped = [], []
+    tmp = tar_path.with_name(f".{tar_path.name}.tmp")
+    with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: reproducible shards
+        for rec in records:
+            try:
+                data, ext, img, note = stored_image(rec.path, options)
+            except BadImage as err:
+                skipped.append(Skipped(where=str(rec.path), reason=str(err).split(": ", 1)[-1]))
+                continue
+            meta = {"label": rec.label, "std": rec.std, "ref": rec.ref, "key": rec.key}
+            sink.write({"__key__": rec.key, ext: data, "json": meta})
+            rows.append(_row(rec, tar_path.name, ext, img, data, note))
+    os.replace(tmp, tar_path)
+    _atomic_write_text(rows_path, json.dumps(
+        {"rows": rows, "skipped": [dataclasses.asdict(s) for s in skipped]}))
+    return tar_path.name, rows, skipped
+
+
+def _row(rec: Record, shard: str, ext: str, img: Image.Image, data: bytes, note: str | None) -> dict:
+    return {
+        "key": rec.key, "path": str(rec.path), "label": float(rec.label), "std": rec.std,
+        "ref": rec.ref if rec.ref is not None else rec.key, "distortion": rec.distortion,
+        "level": rec.level, "official_split": rec.split, "width": img.width, "height": img.height,
+        "format": ext, "sha1": hashlib.sha1(data).hexdigest(), "shard": shard, "note": note,
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_shards(records: list[Record], out: Path, dataset: str, options: PackOptions,
+                 workers: int, part: tuple[int, int] = (0, 1)) -> tuple[list[dict], list[Skipped]]:
+    """Pack ``records`` into shards of ``options.shard_size``; ``part=(i, n)`` writes every n-th."""
+    chunks = [records[i:i + options.shard_size] for i in range(0, len(records), options.shard_size)]
+    jobs = [(out / shard_name(dataset, j), dataset, chunk, options)
+            for j, chunk in enumerate(chunks) if j % part[1] == part[0]]
+    rows, skipped = [], []
+    bar = tqdm(total=sum(len(j[2]) for j in jobs), unit="img", desc=f"pack {dataset}",
+               disable=None)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) if workers > 0 else _Inline() as pool:
+        for _, shard_rows, shard_skipped in pool.map(_write_shard, jobs):
+            rows += shard_rows
+            skipped += shard_skipped
+            bar.update(len(shard_rows) + len(shard_skipped))
+    bar.close()
+    return rows, skipped
+
+
+class _Inline:
+    """Stands in for a process pool when ``--workers 0`` (debugging, profiling)."""
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    map = staticmethod(map)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def assign_splits(units: list[str], fractions: tuple[float, float, float], seed: int,
+                  round_: int) -> dict[str, str]:
+    """Seeded split of the unique split units (images or reference ids)."""
+    order = sorted(set(units))
+    rng = np.random.default_rng([seed, round_])
+    order = [order[i] for i in rng.permutation(len(order))]
+    n = len(order)
+    n_test = max(1, round(n * fractions[2])) if n >= 3 and fractions[2] > 0 else 0
+    n_val = max(1, round(n * fractions[1])) if n >= 3 and fractions[1] > 0 else 0
+    names = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    return dict(zip(order, names))
+
+
+def split_columns(rows: list[dict], info: DatasetInfo, options: PackOptions) -> dict[str, list[str]]:
+    unit = "ref" if info.split_unit == "reference" else "key"
+    units = [r[unit] for r in rows]
+    columns = {}
+    for r in range(options.rounds):
+        if r == 0 and all(row["official_split"] for row in rows):
+            columns["split_0"] = [row["official_split"] for row in rows]
+            continue
+        mapping = assign_splits(units, options.split, options.seed, r)
+        columns[f"split_{r}"] = [mapping[u] for u in units]
+    return columns
+
+
+# ---------------------------------------------------------------- manifest, info, card
+
+
+def write_manifest(rows: list[dict], out: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.")
+    os.close(fd)
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, out / "manifest.parquet")
+
+
+def read_manifest(shards: str | Path) -> list[dict]:
+    path = Path(shards) / "manifest.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no manifest; pack the data set first (python -m iqa_dist.pack)")
+    return pq.read_table(path).to_pylist()
+
+
+def info_json(rows: list[dict], info: DatasetInfo, rounds: int) -> dict:
+    """Counts per split and shard, in the layout of timm's WebDataset ``_info.json``."""
+    shards = sorted({r["shard"] for r in rows})
+    splits = {}
+    for name in SPLITS:
+        lengths = [sum(1 for r in rows if r["shard"] == s and r["split_0"] == name) for s in shards]
+        splits[name] = {"name": name, "num_samples": sum(lengths), "filenames": shards,
+                        "shard_lengths": lengths}
+    return {"name": info.name, "num_samples": len(rows), "rounds": rounds, "splits": splits}
+
+
+def card(rows: list[dict], info: DatasetInfo, options: PackOptions, root: Path,
+         skipped: int) -> dict:
+    labels = np.array([r["label"] for r in rows], dtype=float)
+    return {
+        "name": info.name, "source": info.source or str(root), "root": str(root),
+        "label_name": info.label_name, "scale": list(info.scale),
+        "higher_is_better": info.higher_is_better, "split_unit": info.split_unit,
+        "num_images": len(rows), "num_references": len({r["ref"] for r in rows}),
+        "num_skipped": skipped,
+        "label_stats": {"min": float(labels.min()), "max": float(labels.max()),
+                        "mean": float(labels.mean()), "std": float(labels.std())} if len(rows) else {},
+        "split_counts": {s: sum(r["split_0"] == s for r in rows) for s in SPLITS},
+        "options": {k: list(v) if isinstance(v, tuple) else v
+                    for k, v in dataclasses.asdict(options).items()},
+    }
+
+
+def card_markdown(c: dict) -> str:
+    direction = "higher is better" if c["higher_is_better"] else "lower is better"
+    lines = [f"# {c['name']}", "", f"- source: {c['source']}",
+             f"- label: {c['label_name']} on {c['scale'][0]}-{c['scale'][1]}, {direction}",
+             f"- images: {c['num_images']} from {c['num_references']} split units "
+             f"(split by {c['split_unit']}); skipped: {c['num_skipped']}",
+             "- split round 0: " + ", ".join(f"{k} {v}" for k, v in c["split_counts"].items()),
+             f"- packing options: `{json.dumps(c['options'])}`", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- verify
+
+
+def verify(out: Path) -> list[str]:
+    """Check every shard against the manifest; return the problems found."""
+    rows = read_manifest(out)
+    expected = {(r["shard"], r["key"]): r for r in rows}
+    problems, seen = [], set()
+    for shard in sorted({r["shard"] for r in rows}):
+        try:
+            with tarfile.open(out / shard) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    row = expected.get((shard, key))
+                    if row is None:
+                        problems.append(f"{shard}: {member.name} is not in the manifest")
+                    elif ext == row["format"]:
+                        data = tar.extractfile(member).read()
+                        if hashlib.sha1(data).hexdigest() != row["sha1"]:
+                            problems.append(f"{shard}: {member.name} does not match its sha1")
+                        seen.add((shard, key))
+        except (tarfile.TarError, OSError) as err:
+            problems.append(f"{shard}: unreadable ({err})")
+    problems += [f"{s}: {k} is in the manifest but not in the shard" for s, k in expected.keys() - seen]
+    return problems
+
+
+# ---------------------------------------------------------------- command line
+
+
+def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, workers: int = 2,
+         part: tuple[int, int] | None = None) -> dict:
+    """Pack a data set; returns the report. ``part`` writes one slice of the shards only."""
+    out.mkdir(parents=True, exist_ok=True)
+    if dataset == "demo":
+        from .sources import demo
+
+        root = demo.build(root or out / "_source", seed=options.seed)
+    if root is None:
+        raise LayoutError("--root is required for every data set but demo")
+    reader = get_reader(dataset)
+    records, skipped = reader.read(root)
+    if not records:
+        raise LayoutError(f"{root}: no labelled images found")
+    rows, bad = write_shards(records, out, dataset, options, workers, part or (0, 1))
+    skipped += bad
+    report = {"dataset": dataset, "root": str(root), "packed": len(rows),
+              "skipped": [dataclasses.asdict(s) for s in skipped]}
+    if part is None or part[1] == 1:
+        finish(rows, reader.info, options, root, out, len(skipped))
+    _atomic_write_text(out / _report_name(part), json.dumps(report, indent=1))
+    return report
+
+
+def _report_name(part: tuple[int, int] | None) -> str:
+    return "pack_report.json" if part is None else f"pack_report.part{part[0]}of{part[1]}.json"
+
+
+def finish(rows: list[dict], info: DatasetInfo, options: PackOptions, root: Path, out: Path,
+           skipped: int) -> None:
+    """Splits, manifest, ``_info.json`` and card from the rows of all shards."""
+    rows = sorted(rows, key=lambda r: (r["shard"], r["key"]))
+    for name, values in split_columns(rows, info, options).items():
+        for row, value in zip(rows, values):
+            row[name] = value
+    write_manifest(rows, out)
+    _atomic_write_text(out / "_info.json", json.dumps(info_json(rows, info, options.rounds), indent=1))
+    c = card(rows, info, options, root, skipped)
+    _atomic_write_text(out / "card.json", json.dumps(c, indent=1))
+    _atomic_write_text(out / "card.md", card_markdown(c))
+
+
+def merge(dataset: str, root: Path, out: Path, options: PackOptions) -> dict:
+    """Join the slices written by ``--slice I/N`` jobs into one manifest and report."""
+    rows, skipped = [], []
+    for rows_file in sorted(out.glob(f"{dataset}-*.rows.json")):
+        done = json.loads(rows_file.read_text())
+        rows += done["rows"]
+        skipped += done["skipped"]
+    if not rows:
+        raise LayoutError(f"{out}: no finished shards to merge")
+    finish(rows, get_reader(dataset).info, options, root, out, len(skipped))
+    report = {"dataset": dataset, "root": str(root), "packed": len(rows), "skipped": skipped}
+    _atomic_write_text(out / "pack_report.json", json.dumps(report, indent=1))
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m iqa_dist.pack", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--dataset", required=True,
+                   help="koniq-10k, livec, spaq, csiq, tid2013, kadid-10k, live, csv or demo")
+    p.add_argument("--root", type=Path, help="the data set as downloaded (demo: where to build it)")
+    p.add_argument("--out", type=Path, required=True, help="output folder, e.g. shards/NAME")
+    p.add_argument("--resize", default="none",
+                   help="none (default), koniq (512x384 by orientation), koniq-faithful "
+                        "(the original's 384x512), or short:N (short side N)")
+    p.add_argument("--lossy_quality", type=int, default=0,
+                   help="store resized or converted images as JPEG of this quality (default: PNG)")
+    p.add_argument("--shard_size", type=int, default=500, help="images per shard")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits (and of the demo set)")
+    p.add_argument("--rounds", type=int, default=10, help="seeded split rounds in the manifest")
+    p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2),
+                   metavar=("TRAIN", "VAL", "TEST"), help="fractions of split units")
+    p.add_argument("--max_bad", type=int, default=0,
+                   help="exit non-zero when more images than this were skipped")
+    p.add_argument("--slice", help="I/N: write only every N-th shard starting at I (array jobs)")
+    p.add_argument("--merge", action="store_true", help="join the slices' rows into the manifest")
+    p.add_argument("--verify", action="store_true", help="check the shards against the manifest")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = PackOptions(resize=args.resize, lossy_quality=args.lossy_quality,
+                          shard_size=args.shard_size, seed=args.seed, rounds=args.rounds,
+                          split=tuple(args.split))
+    try:
+        if args.merge:
+            report = merge(args.dataset, args.root or args.out, args.out, options)
+        elif args.verify and args.root is None and args.dataset != "demo":
+            report = {"skipped": []}  # verify what is there, pack nothing
+        else:
+            part = tuple(int(x) for x in args.slice.split("/")) if args.slice else None
+            report = pack(args.dataset, args.root, args.out, options, args.workers, part)
+    except (LayoutError, BadImage, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for s in report["skipped"]:
+        print(f"skipped {s['where']}: {s['reason']}", file=sys.stderr)
+    if args.verify:
+        problems = verify(args.out)
+        for problem in problems:
+            print(f"verify: {problem}", file=sys.stderr)
+        print(f"verify: {'OK' if not problems else f'{len(problems)} problems'} in {args.out}")
+        if problems:
+            return 1
+    if "packed" in report:
+        print(f"packed {report['packed']} images into {args.out} "
+              f"({len(report['skipped'])} skipped, listed in pack_report.json)")
+    if len(report["skipped"]) > args.max_bad:
+        print(f"error: {len(report['skipped'])} images skipped, more than --max_bad {args.max_bad}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

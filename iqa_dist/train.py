@@ -1,0 +1,402 @@
+"""Train Swin HyperIQA on packed shards, on one process or many.
+
+    python -m iqa_dist.train --config configs/demo.yaml
+    accelerate launch --config_file launch/cpu_2proc.yaml -m iqa_dist.train --config configs/demo.yaml
+    accelerate launch --config_file launch/multi_gpu.yaml -m iqa_dist.train --config configs/tiny.yaml
+
+Selection (best checkpoint, early stopping) uses the validation split only; the test
+split is evaluated once, with the best weights, at the end. ``--rounds N`` repeats the
+whole run on N seeded splits and reports the median. SIGUSR1/SIGTERM on any rank saves
+a checkpoint and exits with code 99 (see checkpoint.EXIT_PREEMPTED); ``--resume latest``
+continues as if never stopped.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, parse_config, save_yaml
+from .data.stream import Split, load_split, steps_per_epoch, train_loader
+from .evaluate import card_of, predict_split, split_metrics
+from .losses import iqa_loss
+from .models import create_model
+from .optim import build_optimizer, build_scheduler
+
+
+class Callback(Protocol):
+    def __call__(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None: ...
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of a run asked to stop has been written."""
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    # An explicit gloo backend on CPU: without it Accelerate leaves the process group to
+    # DeepSpeed, which then believes it is alone.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and several else []
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # we prepare no data loader, so DeepSpeed's "auto" values need us
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds["train_batch_size"] = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = cfg.grad_clip
+    return accelerator
+
+
+def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The run directory, named on rank 0 and shared, so every rank writes the same one."""
+    name = [cfg.run_dir or f"runs/{Path(cfg.dataset).name}-{cfg.model_size}-"
+            f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)
+    return Path(name[0]).absolute()
+
+
+def shards_path(cfg: Config, dataset: str | None = None) -> Path:
+    name = dataset or cfg.dataset
+    path = Path(name)
+    return path if (path / "manifest.parquet").exists() else Path(cfg.shards_root) / name
+
+
+def set_determinism(cfg: Config) -> None:
+    set_seed(cfg.seed)  # same initial weights on every rank
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; all ranks agree on it at the next step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class State:
+    """What a checkpoint must hold beyond Accelerate's state to continue exactly."""
+
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimiser micro-steps done in the current epoch
+    global_step: int = 0
+    best_srcc: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs without improvement, for early stopping
+    loss_sum: float = 0.0  # of the current epoch, so a resumed epoch reports the same mean
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg, self.callbacks = cfg, list(callbacks)
+        self.accelerator = make_accelerator(cfg)
+        self.run_dir = resolve_run_dir(cfg, self.accelerator)
+        set_determinism(cfg)
+        self.shards = shards_path(cfg)
+        self.train_split = load_split(self.shards, "train", cfg.split_round)
+        self.val_split = load_split(self.shards, "val", cfg.split_round)
+        self.test_split = load_split(self.shards, "test", cfg.split_round)
+        self.card = card_of(self.shards)
+        world = self.accelerator.num_processes
+        self.steps = steps_per_epoch(self.train_split, cfg.train_patch_num, cfg.batch_size, world)
+        if cfg.max_steps_per_epoch:
+            self.steps = min(self.steps, cfg.max_steps_per_epoch)
+        model = create_model(cfg.model_size, multiscale=cfg.multiscale,
+                             attention_fusion=cfg.attention_fusion, dropout_rate=cfg.dropout_rate,
+                             drop_path_rate=cfg.drop_path_rate, pretrained=cfg.pretrained,
+                             pretrained_path=cfg.pretrained_path)
+        optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(optimizer, cfg, max(1, self.steps // cfg.grad_accum))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.loader = train_loader(self.train_split, patch_num=cfg.train_patch_num,
+                                   patch_size=cfg.patch_size, batch_size=cfg.batch_size,
+                                   seed=cfg.seed, rank=self.accelerator.process_index,
+                                   world=world, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer)
+        self.state = State()
+        self.stop = StopFlag()
+        self.writer = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, text: str) -> None:
+        if self.main:
+            tqdm.write(text)
+
+    # -------------------------------------------------- checkpoints
+
+    def save(self) -> Path:
+        """Full state of every rank into checkpoints/step-N, then ``last`` points at it."""
+        stage = ckpt.staging_dir(self.run_dir, self.state.global_step)
+        self.accelerator.save_state(str(stage), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.main:
+            state = dict(vars(self.state), scheduler=self.scheduler.state_dict())
+            path = ckpt.publish(self.run_dir, self.state.global_step, state)
+        self.accelerator.wait_for_everyone()
+        return path or ckpt.checkpoints_dir(self.run_dir) / f"step-{self.state.global_step:08d}"
+
+    def load(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        saved = ckpt.read_trainer_state(path)
+        self.scheduler.load_state_dict(saved.pop("scheduler"))
+        self.state = State(**saved)
+        self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, "
+                 f"step {self.state.step_in_epoch}/{self.steps}")
+
+    def save_best(self, metrics: dict[str, float]) -> None:
+        weights = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards
+        if self.main:
+            best = ckpt.checkpoints_dir(self.run_dir) / "best"
+            ckpt.save_weights(weights, best / "model.safetensors",
+                              metadata={"model_size": self.cfg.model_size})
+            save_yaml(self.cfg, best / "config.yaml")
+            ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))
+        self.accelerator.wait_for_everyone()
+
+    # -------------------------------------------------- steps and epochs
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """OR of each flag over all ranks (one small all-reduce)."""
+        t = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, "max")
+        return [bool(v) for v in t.tolist()]
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        acc, cfg = self.accelerator, self.cfg
+        dtype = next(self.model.parameters()).dtype  # DeepSpeed bf16 casts the model, not inputs
+        images, labels = images.to(acc.device, dtype), labels.to(acc.device)
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                preds = self.model(images).float()
+            loss = iqa_loss(preds, labels, alpha=cfg.ranking_loss_alpha, margin=cfg.ranking_loss_margin)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip > 0 and acc.state.deepspeed_plugin is None:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            self.scheduler.step()
+        return loss.item()
+
+    def train_epoch(self) -> float:
+        st, cfg = self.state, self.cfg
+        self.loader.dataset.set_epoch(st.epoch)
+        batches = islice(iter(self.loader), st.step_in_epoch, self.steps)  # replays a resumed epoch
+        bar = tqdm(total=self.steps, initial=st.step_in_epoch, disable=not self.main,
+                   desc=f"epoch {st.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+        recent, start, seen = [], time.time(), 0
+        for images, labels in batches:
+            loss = self.train_step(images, labels)
+            st.step_in_epoch += 1
+            st.global_step += 1
+            st.loss_sum += loss
+            recent = (recent + [loss])[-cfg.log_every:]
+            seen += len(labels) * self.accelerator.num_processes
+            stop, diverged = self.agree(self.stop.raised, not math.isfinite(loss))
+            if diverged:
+                raise Diverged(f"loss is {loss} at epoch {st.epoch + 1}, step {st.step_in_epoch}: "
+                               f"stopped; the last good checkpoint is {self.run_dir}/checkpoints/last")
+            if stop:
+                self.log(f"stop requested: saving at step {st.global_step}")
+                self.save()
+                raise Preempted()
+            bar.update(1)
+            if st.step_in_epoch % cfg.log_every == 0 or st.step_in_epoch == self.steps:
+                bar.set_postfix(loss=f"{np.mean(recent):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                samples_s=f"{seen / (time.time() - start):.0f}")
+        bar.close()
+        return st.loss_sum / max(1, st.step_in_epoch)
+
+    def validate(self) -> dict[str, float]:
+        preds = predict_split(self.model, self.val_split, self.cfg, self.accelerator)
+        return split_metrics(preds, self.card.get("higher_is_better", True))
+
+    def end_epoch(self, train_loss: float, epoch_time: float) -> bool:
+        """Selection on validation, logging, checkpoint; True when early stopping says stop."""
+        st, cfg = self.state, self.cfg
+        val = self.validate()
+        improved = val["srcc"] > st.best_srcc
+        if improved:
+            st.best_srcc, st.best_epoch, st.bad_epochs = val["srcc"], st.epoch, 0
+            self.save_best({f"val_{k}": v for k, v in val.items()} | {"epoch": st.epoch + 1})
+        else:
+            st.bad_epochs += 1
+        row = {"epoch": st.epoch + 1, "train_loss": train_loss, "val_srcc": val["srcc"],
+               "val_plcc": val["plcc"], "val_krcc": val["krcc"], "val_rmse": val["rmse"],
+               "lr": self.scheduler.get_last_lr()[0], "time_s": epoch_time}
+        st.history.append(row)
+        self.write_epoch(row)
+        self.log(f"epoch {st.epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val SRCC {val['srcc']:.4f} "
+                 f"PLCC {val['plcc']:.4f}  {'(best)' if improved else ''} {epoch_time:.0f}s")
+        st.epoch += 1
+        st.step_in_epoch, st.loss_sum = 0, 0.0
+        path = self.save()
+        for callback in self.callbacks:
+            callback(st.epoch, row, path)
+        return cfg.early_stopping and st.bad_epochs >= cfg.patience
+
+    def write_epoch(self, row: dict) -> None:
+        if not self.main:
+            return
+        path = self.run_dir / "summary.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        for k, v in row.items():
+            if k != "epoch":
+                self.writer.add_scalar(k, v, row["epoch"])
+        self.writer.flush()
+
+    # -------------------------------------------------- whole run
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        resume = ckpt.resolve_resume(cfg.resume, self.run_dir)
+        if resume is not None:
+            self.load(resume)
+        elif self.main and (self.run_dir / "summary.csv").exists():
+            (self.run_dir / "summary.csv").unlink()  # a fresh start in an old run directory
+        self.log(f"run {self.run_dir}: {len(self.train_split)} train / {len(self.val_split)} val / "
+                 f"{len(self.test_split)} test images, {self.accelerator.num_processes} process(es), "
+                 f"{self.steps} steps per epoch")
+        while self.state.epoch < cfg.epochs:
+            start = time.time()
+            loss = self.train_epoch()
+            if self.end_epoch(loss, time.time() - start):
+                self.log(f"early stopping: no better val SRCC for {cfg.patience} epochs")
+                break
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Test the best weights once, cross-data-set tests, results.json and plots."""
+        from .plots import plot_run
+
+        best = ckpt.checkpoints_dir(self.run_dir) / "best" / "model.safetensors"
+        self.accelerator.unwrap_model(self.model).load_state_dict(ckpt.load_weights(best))
+        results: dict[str, Any] = {"run_dir": str(self.run_dir), "best_epoch": self.state.best_epoch + 1,
+                                   "best_val_srcc": self.state.best_srcc,
+                                   "epochs_run": self.state.epoch, "world_size": self.accelerator.num_processes}
+        test_preds = predict_split(self.model, self.test_split, self.cfg, self.accelerator)
+        results["test"] = split_metrics(test_preds, self.card.get("higher_is_better", True))
+        for name in self.cross_sets():
+            path = shards_path(self.cfg, name)
+            preds = predict_split(self.model, load_split(path, "all"), self.cfg, self.accelerator)
+            results[f"cross_{name}"] = split_metrics(preds, card_of(path).get("higher_is_better", True))
+        if self.main:
+            ckpt.write_json(self.run_dir / "results.json", results)
+            if self.cfg.plots:
+                plot_run(self.run_dir, self.state.history, test_preds)
+            if self.writer is not None:
+                self.writer.close()
+            t = results["test"]
+            self.log(f"test (best epoch {results['best_epoch']}): SRCC {t['srcc']:.4f}  PLCC {t['plcc']:.4f}  "
+                     f"KRCC {t['krcc']:.4f}  RMSE {t['rmse']:.3f}\nresults in {self.run_dir}")
+        return results
+
+    def cross_sets(self) -> list[str]:
+        names = list(self.cfg.cross_datasets) + (["spaq"] if self.cfg.spaq else [])
+        found = [n for n in dict.fromkeys(names) if (shards_path(self.cfg, n) / "manifest.parquet").exists()
+                 and shards_path(self.cfg, n) != self.shards]
+        for n in set(self.cfg.cross_datasets) - set(found):
+            self.log(f"warning: cross-data-set {n!r} not packed under {self.cfg.shards_root}: skipped")
+        return found
+
+
+# ---------------------------------------------------------------- API and command line
+
+
+def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train one run (or ``cfg.rounds`` runs on seeded splits); returns the results."""
+    if cfg.rounds > 1:
+        return train_rounds(cfg, callbacks)
+    trainer = Trainer(cfg, callbacks)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.accelerator.end_training()  # without it DeepSpeed on CPU may abort at exit
+
+
+def train_rounds(cfg: Config, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    base = Path(cfg.run_dir or f"runs/{Path(cfg.dataset).name}-{cfg.model_size}-rounds")
+    runs = [train(replace(cfg, rounds=1, split_round=r, seed=cfg.seed + r,
+                          run_dir=str(base / f"round-{r}")), callbacks) for r in range(cfg.rounds)]
+    summary: dict[str, Any] = {"rounds": runs}
+    for metric in ("srcc", "plcc"):
+        values = np.array([r["test"][metric] for r in runs])
+        summary[f"test_{metric}_median"] = float(np.median(values))
+        summary[f"test_{metric}_iqr"] = float(np.subtract(*np.percentile(values, [75, 25])))
+        summary[f"test_{metric}_std"] = float(values.std())
+    if int(os.environ.get("RANK", "0")) == 0:
+        ckpt.write_json(base / "results.json", summary)
+        print(f"{cfg.rounds} rounds: test SRCC median {summary['test_srcc_median']:.4f} "
+              f"(IQR {summary['test_srcc_iqr']:.4f}), PLCC median {summary['test_plcc_median']:.4f}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv, description=__doc__.split("\n")[0])
+    try:
+        train(cfg)
+    except Preempted:
+        return ckpt.EXIT_PREEMPTED
+    except (Diverged, FileNotFoundError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

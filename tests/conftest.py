@@ -1,0 +1,52 @@
+"""Shared fixtures: packed data sets built once per test session."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iqa_dist.pack import PackOptions, pack
+
+# Keep every test process to one thread: the suite shares two cores with DDP ranks.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def make_csv_set(root: Path, n_refs: int = 8, per_ref: int = 3, seed: int = 0) -> Path:
+    """A generic csv layout of random images (some smaller than a patch) with labels."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in range(n_refs):
+        for d in range(per_ref):
+            h, w = (200, 260) if (r + d) % 5 == 0 else (240 + 8 * d, 256 + 16 * r)
+            arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            name = f"img/r{r}_d{d}.png"
+            Image.fromarray(arr).save(root / name)
+            rows.append({"name": name, "mos": round(float(rng.uniform(0, 100)), 3), "ref": f"r{r}"})
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["name", "mos", "ref"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """24 images from 8 references in 5 uneven shards."""
+    base = tmp_path_factory.mktemp("small")
+    root = make_csv_set(base / "src")
+    out = base / "shards"
+    pack("csv", root, out, PackOptions(shard_size=5, rounds=2, split=(0.5, 0.25, 0.25)), workers=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """The README's demo set, packed as the README packs it."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    pack("demo", None, out, PackOptions(shard_size=100), workers=2)
+    return out

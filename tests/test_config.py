@@ -1,0 +1,95 @@
+"""Configuration: YAML + command line, the original flag names, clear errors."""
+from pathlib import Path
+
+import pytest
+
+from iqa_dist.config import Config, ConfigError, from_dict, load_yaml, parse_config, save_yaml
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_original_flags_keep_their_meaning():
+    cfg = parse_config(["--model_size", "base", "--no_multiscale", "--attention_fusion",
+                        "--ranking_loss_alpha", "0", "--ranking_loss_margin", "0.2",
+                        "--drop_path_rate", "0.3", "--dropout_rate", "0.4", "--weight_decay", "2e-4",
+                        "--epochs", "30", "--batch_size", "32", "--lr", "5e-6", "--no_lr_scheduler",
+                        "--patience", "7", "--no_early_stopping", "--dataset", "csiq",
+                        "--train_patch_num", "25", "--test_patch_num", "15", "--test_random_crop",
+                        "--no_spaq"])
+    assert (cfg.model_size, cfg.multiscale, cfg.attention_fusion) == ("base", False, True)
+    assert cfg.ranking_loss_alpha == 0.0 and isinstance(cfg.ranking_loss_alpha, float)
+    assert (cfg.lr, cfg.weight_decay, cfg.lr_scheduler) == (5e-6, 2e-4, "none")
+    assert (cfg.patience, cfg.early_stopping, cfg.spaq, cfg.test_random_crop) == (7, False, False, True)
+    assert (cfg.dataset, cfg.train_patch_num, cfg.test_patch_num) == ("csiq", 25, 15)
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_size: small\nlr: 1.0e-4\nepochs: 3\n")
+    cfg = parse_config(["--config", str(path), "--lr", "3e-4"])
+    assert (cfg.model_size, cfg.lr, cfg.epochs) == ("small", 3e-4, 3)
+
+
+def test_unknown_key_names_the_nearest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dropout_rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'dropout_rat'.*'dropout_rate'"):
+        load_yaml(path)
+
+
+def test_unknown_flag_names_the_nearest(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--ranking_alpha", "0.1"])
+    assert "ranking_loss_alpha" in capsys.readouterr().err
+
+
+def test_duplicated_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1.0e-5\nepochs: 3\nlr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"duplicated key 'lr' \(line 3\)"):
+        load_yaml(path)
+
+
+@pytest.mark.parametrize("values,problem", [
+    ({"epochs": "ten"}, "epochs: expected int"),
+    ({"epochs": 2.5}, "epochs: expected int"),
+    ({"multiscale": "yes"}, "multiscale: expected bool"),
+    ({"model_size": "huge"}, "model_size: 'huge' is not one of"),
+    ({"lr": None}, "lr: must not be null"),
+    ({"cross_datasets": "spaq"}, "cross_datasets: expected a list"),
+])
+def test_values_are_type_checked(values, problem):
+    with pytest.raises(ConfigError, match=problem):
+        from_dict(values)
+
+
+def test_round_trip(tmp_path):
+    cfg = from_dict({"model_size": "micro", "lr": 3e-4, "cross_datasets": ["spaq", "livec"],
+                     "pretrained_path": "w.safetensors"})
+    save_yaml(cfg, tmp_path / "config.yaml")
+    assert load_yaml(tmp_path / "config.yaml") == cfg
+
+
+def test_optional_string_from_command_line_stays_a_string():
+    assert parse_config(["--pretrained_path", "123"]).pretrained_path == "123"
+    assert parse_config(["--resume", "latest"]).resume == "latest"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    if path.name.startswith("sweep"):
+        pytest.skip("sweep configs are read by iqa_dist.tune")
+    assert isinstance(load_yaml(path), Config)
+
+
+def test_seed_example_configs_match_the_original_commands():
+    base, tiny = load_yaml(CONFIGS / "base.yaml"), load_yaml(CONFIGS / "tiny.yaml")
+    assert (base.model_size, base.batch_size, base.lr, base.dropout_rate, base.drop_path_rate) == \
+        ("base", 32, 5e-6, 0.4, 0.3)
+    assert (tiny.model_size, tiny.batch_size, tiny.lr, tiny.dropout_rate, tiny.drop_path_rate) == \
+        ("tiny", 96, 1e-5, 0.3, 0.2)
+
+
+def test_list_values_from_command_line():
+    assert parse_config(["--cross_datasets", "spaq"]).cross_datasets == ["spaq"]
+    assert parse_config(["--cross_datasets", "[spaq, livec]"]).cross_datasets == ["spaq", "livec"]

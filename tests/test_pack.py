@@ -1,0 +1,187 @@
+"""Packing: shards + manifest + splits, bad input, resume after a crash, the demo set."""
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from iqa_dist.pack import PackOptions, main, pack, verify
+from iqa_dist.sources import demo
+
+from .conftest import make_csv_set
+
+
+def _manifest(out):
+    return pq.read_table(out / "manifest.parquet").to_pylist()
+
+
+def test_manifest_info_and_card(small_shards):
+    rows = _manifest(small_shards)
+    assert len(rows) == 24 and len({r["key"] for r in rows}) == 24
+    assert {"key", "path", "label", "std", "ref", "distortion", "width", "height", "sha1", "shard",
+            "split_0", "split_1"} <= set(rows[0])
+    info = json.loads((small_shards / "_info.json").read_text())
+    for name in ("train", "val", "test"):
+        split = info["splits"][name]
+        assert split["num_samples"] == sum(r["split_0"] == name for r in rows) == sum(split["shard_lengths"])
+    card = json.loads((small_shards / "card.json").read_text())
+    assert card["num_images"] == 24 and card["higher_is_better"] is True
+    assert verify(small_shards) == []
+
+
+def test_splits_never_share_a_reference(small_shards):
+    rows = _manifest(small_shards)
+    for column in ("split_0", "split_1"):
+        owner = {}
+        for r in rows:
+            assert owner.setdefault(r["ref"], r[column]) == r[column]
+        assert set(owner.values()) == {"train", "val", "test"}
+
+
+def test_original_bytes_are_kept(small_shards):
+    rows = _manifest(small_shards)
+    row = rows[0]
+    import tarfile
+    with tarfile.open(small_shards / row["shard"]) as tar:
+        data = tar.extractfile(f"{row['key']}.{row['format']}").read()
+    assert data == Path(row["path"]).read_bytes()
+
+
+def test_resize_stores_lossless(tmp_path):
+    root = make_csv_set(tmp_path / "src", n_refs=3, per_ref=1)
+    out = tmp_path / "out"
+    pack("csv", root, out, PackOptions(resize="short:100", rounds=1), workers=0)
+    row = _manifest(out)[0]
+    assert row["format"] == "png" and min(row["width"], row["height"]) == 100
+
+
+def _write_bad_set(root: Path) -> None:
+    make_csv_set(root, n_refs=4, per_ref=1)
+    img = root / "img"
+    rgb = np.random.default_rng(0).integers(0, 255, (240, 240, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(img / "cmyk.jpg")
+    Image.fromarray(rgb[..., 0]).save(img / "grey.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(img / "deep16.png")
+    Image.fromarray(rgb).convert("RGBA").save(img / "alpha.png")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    (img / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (img / "garbage.png").write_bytes(b"not an image at all")
+    with open(root / "labels.csv", "a", newline="") as f:
+        w = csv.writer(f)
+        for i, name in enumerate(["cmyk.jpg", "grey.png", "deep16.png", "alpha.png", "truncated.jpg",
+                                  "garbage.png", "missing.png"]):
+            w.writerow([f"img/{name}", 10 + i, f"odd{i}"])
+        w.writerow(["img/r0_d0.png", "n/a", "x"])
+
+
+def test_bad_input_is_reported_and_odd_modes_converted(tmp_path, capsys):
+    root, out = tmp_path / "src", tmp_path / "out"
+    _write_bad_set(root)
+    code = main(["--dataset", "csv", "--root", str(root), "--out", str(out), "--workers", "0",
+                 "--rounds", "1"])
+    assert code == 1  # more skipped than --max_bad 0
+    report = json.loads((out / "pack_report.json").read_text())
+    reasons = {Path(s["where"].split(":")[0]).name: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"truncated.jpg", "garbage.png", "missing.png", "labels.csv"}
+    assert "missing" in reasons["missing.png"] and "unreadable" in reasons["garbage.png"]
+    rows = {r["key"]: r for r in _manifest(out)}
+    for key in ("cmyk", "grey", "deep16", "alpha"):
+        assert rows[key]["format"] == "png" and rows[key]["note"].startswith("converted from")
+    assert verify(out) == []
+    err = capsys.readouterr().err
+    assert "truncated.jpg" in err and "Traceback" not in err
+    assert main(["--dataset", "csv", "--root", str(root), "--out", str(out), "--workers", "0",
+                 "--rounds", "1", "--max_bad", "4"]) == 0
+
+
+def test_missing_label_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--dataset", "koniq-10k", "--root", str(tmp_path / "empty"), "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "koniq10k_scores_and_distributions.csv" in err
+
+
+def _tar_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def test_rerun_after_a_crash_gives_the_same_shards(tmp_path):
+    root = make_csv_set(tmp_path / "src", n_refs=6, per_ref=3)
+    opts = PackOptions(shard_size=3, rounds=2)
+    whole = tmp_path / "whole"
+    pack("csv", root, whole, opts, workers=0)
+    crashed = tmp_path / "crashed"
+    pack("csv", root, crashed, opts, workers=0)
+    # what a crash leaves: no manifest, a shard without its rows, a half-written temporary
+    (crashed / "manifest.parquet").unlink()
+    (crashed / "csv-00003.rows.json").unlink()
+    tar = crashed / "csv-00004.tar"
+    tar.rename(crashed / ".csv-00004.tar.tmp")
+    (crashed / ".csv-00004.tar.tmp").write_bytes(b"partial")
+    (crashed / "csv-00004.rows.json").unlink()
+    pack("csv", root, crashed, opts, workers=0)
+    assert _tar_bytes(crashed) == _tar_bytes(whole)
+    assert _manifest(crashed) == _manifest(whole) or \
+        [dict(r, path=None) for r in _manifest(crashed)] == [dict(r, path=None) for r in _manifest(whole)]
+
+
+def test_killed_pack_continues(tmp_path):
+    root = make_csv_set(tmp_path / "src", n_refs=20, per_ref=3)
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = ["--dataset", "csv", "--root", str(root), "--shard_size", "2", "--workers", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.pack", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and len(list(out.glob("*.rows.json"))) < 5:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(out.glob("*.rows.json")))
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(whole)]) == 0
+    assert _tar_bytes(out) == _tar_bytes(whole) and done_before >= 5
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_slices_then_merge_equal_one_pack(tmp_path):
+    root = make_csv_set(tmp_path / "src", n_refs=5, per_ref=2)
+    args = ["--dataset", "csv", "--root", str(root), "--shard_size", "3", "--workers", "0"]
+    sliced = tmp_path / "sliced"
+    for i in range(3):
+        assert main([*args, "--out", str(sliced), "--slice", f"{i}/3"]) == 0
+    assert main([*args, "--out", str(sliced), "--merge", "--verify"]) == 0
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert _tar_bytes(sliced) == _tar_bytes(tmp_path / "one")
+    assert len(_manifest(sliced)) == 10
+
+
+def test_demo_set(demo_shards):
+    rows = _manifest(demo_shards)
+    card = json.loads((demo_shards / "card.json").read_text())
+    assert len(rows) >= 300 and card["num_references"] >= 12
+    assert {r["distortion"] for r in rows} == set(demo.DISTORTIONS)
+    labels = np.array([r["label"] for r in rows])
+    assert 0 <= labels.min() < 60 and labels.max() <= 100  # graded: strong distortions score low
+    for r in range(3):
+        owner = {}
+        for row in rows:
+            assert owner.setdefault(row["ref"], row[f"split_{r}"]) == row[f"split_{r}"]
+
+
+def test_demo_is_deterministic(tmp_path):
+    small = dict(photos=demo.PHOTOS[:2], tiles_per_photo=1, levels=2)
+    a = demo.build(tmp_path / "a", seed=3, **small)
+    b = demo.build(tmp_path / "b", seed=3, **small)
+    assert (a / "labels.csv").read_text() == (b / "labels.csv").read_text()
+    for f in sorted((a / "images").iterdir()):
+        assert f.read_bytes() == (b / "images" / f.name).read_bytes()
