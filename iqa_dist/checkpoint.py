@@ -27,8 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TRAINER_STATE = "trainer.json"
-# The exit code of a run that saved a checkpoint because it was asked to stop (SIGUSR1,
-# SIGTERM): the SLURM scripts requeue the job when they see it.
+# The exit code of a rank that saved a checkpoint because it was asked to stop (SIGUSR1,
+# SIGTERM). Launchers (torchrun, accelerate launch) turn a child's code into their own
+# failure, so each rank also leaves <run_dir>/preempted/rank-N.json: the SLURM scripts
+# requeue the job when either is there.
 EXIT_PREEMPTED = 99
 
 
@@ -75,6 +77,14 @@ def publish(run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int =
     for old in sorted(checkpoints_dir(run_dir).glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def mark_preempted(run_dir: Path, rank: int, checkpoint: Path) -> None:
+    write_json(Path(run_dir) / "preempted" / f"rank-{rank}.json", {"checkpoint": str(checkpoint)})
+
+
+def clear_preempted(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / "preempted", ignore_errors=True)
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

@@ -19,6 +19,11 @@ def card_of(shards: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"higher_is_better": True}
 
 
+def same_direction(trained_on: dict, tested_on: dict) -> bool:
+    """Whether a model's scores and a set's labels grow in the same direction (MOS vs DMOS)."""
+    return trained_on.get("higher_is_better", True) == tested_on.get("higher_is_better", True)
+
+
 def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
     t = torch.tensor([float(flag)], device=accelerator.device)
     return bool(accelerator.reduce(t, "max").item()) if accelerator.num_processes > 1 else flag
@@ -62,8 +67,9 @@ def predict_split(model: torch.nn.Module, split: Split, cfg: Config, accelerator
     return {k: (p, label) for k, p, label in gathered}
 
 
-def split_metrics(preds: dict[str, tuple[float, float]], higher_is_better: bool = True) -> dict[str, float]:
+def split_metrics(preds: dict[str, tuple[float, float]], same_direction: bool = True) -> dict[str, float]:
+    """Metrics of per-image predictions; ``same_direction=False`` flips the labels (DMOS)."""
     keys = sorted(preds)
     p = np.array([preds[k][0] for k in keys])
     y = np.array([preds[k][1] for k in keys])
-    return compute_metrics(p, y, higher_is_better=higher_is_better)
+    return compute_metrics(p, y, higher_is_better=same_direction)

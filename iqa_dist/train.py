@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, parse_config, save_yaml
 from .data.stream import Split, load_split, steps_per_epoch, train_loader
-from .evaluate import card_of, predict_split, split_metrics
+from .evaluate import card_of, predict_split, same_direction, split_metrics
 from .losses import iqa_loss
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
@@ -240,7 +240,8 @@ class Trainer:
                                f"stopped; the last good checkpoint is {self.run_dir}/checkpoints/last")
             if stop:
                 self.log(f"stop requested: saving at step {st.global_step}")
-                self.save()
+                path = self.save()
+                ckpt.mark_preempted(self.run_dir, self.accelerator.process_index, path)
                 raise Preempted()
             bar.update(1)
             if st.step_in_epoch % cfg.log_every == 0 or st.step_in_epoch == self.steps:
@@ -250,8 +251,7 @@ class Trainer:
         return st.loss_sum / max(1, st.step_in_epoch)
 
     def validate(self) -> dict[str, float]:
-        preds = predict_split(self.model, self.val_split, self.cfg, self.accelerator)
-        return split_metrics(preds, self.card.get("higher_is_better", True))
+        return split_metrics(predict_split(self.model, self.val_split, self.cfg, self.accelerator))
 
     def end_epoch(self, train_loss: float, epoch_time: float) -> bool:
         """Selection on validation, logging, checkpoint; True when early stopping says stop."""
@@ -278,15 +278,16 @@ class Trainer:
         return cfg.early_stopping and st.bad_epochs >= cfg.patience
 
     def write_epoch(self, row: dict) -> None:
+        """summary.csv rewritten from the history (a resumed run never repeats a row), and TensorBoard."""
         if not self.main:
             return
         path = self.run_dir / "summary.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
+        tmp = path.with_name(".summary.csv.tmp")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+            writer.writeheader()
+            writer.writerows(self.state.history)
+        os.replace(tmp, path)
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -305,10 +306,11 @@ class Trainer:
             save_yaml(cfg, self.run_dir / "config.yaml")
         self.accelerator.wait_for_everyone()
         resume = ckpt.resolve_resume(cfg.resume, self.run_dir)
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            ckpt.clear_preempted(self.run_dir)
         if resume is not None:
             self.load(resume)
-        elif self.main and (self.run_dir / "summary.csv").exists():
-            (self.run_dir / "summary.csv").unlink()  # a fresh start in an old run directory
         self.log(f"run {self.run_dir}: {len(self.train_split)} train / {len(self.val_split)} val / "
                  f"{len(self.test_split)} test images, {self.accelerator.num_processes} process(es), "
                  f"{self.steps} steps per epoch")
@@ -330,11 +332,11 @@ class Trainer:
                                    "best_val_srcc": self.state.best_srcc,
                                    "epochs_run": self.state.epoch, "world_size": self.accelerator.num_processes}
         test_preds = predict_split(self.model, self.test_split, self.cfg, self.accelerator)
-        results["test"] = split_metrics(test_preds, self.card.get("higher_is_better", True))
+        results["test"] = split_metrics(test_preds)  # the model predicts this set's own labels
         for name in self.cross_sets():
             path = shards_path(self.cfg, name)
             preds = predict_split(self.model, load_split(path, "all"), self.cfg, self.accelerator)
-            results[f"cross_{name}"] = split_metrics(preds, card_of(path).get("higher_is_better", True))
+            results[f"cross_{name}"] = split_metrics(preds, same_direction(self.card, card_of(path)))
         if self.main:
             ckpt.write_json(self.run_dir / "results.json", results)
             if self.cfg.plots:

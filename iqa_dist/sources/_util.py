@@ -104,8 +104,9 @@ class Collector:
             return self.skip(row, "empty image name")
         value = number(label)
         if value is None:
-            return self.skip(row, f"label {label!r} is not a number" if label not in (None, "")
-                             else "missing label")
+            # NaN is how MATLAB files leave a label out
+            text = isinstance(label, str) and label.strip()
+            return self.skip(row, f"label {label!r} is not a number" if text else "missing label")
         key = key or make_key(name)
         if not key:
             return self.skip(row, f"no usable key in the name {name!r}")
@@ -161,8 +162,9 @@ def csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str,
     if missing:
         raise LayoutError(f"{path}: needs the columns {', '.join(required)}; "
                           f"missing {', '.join(missing)} (found {', '.join(header) or 'nothing'})")
-    return [(line, {(k or "").strip(): (v or "").strip() for k, v in row.items()
-                    if isinstance(v, str) or v is None}) for line, row in rows]
+    # DictReader files surplus fields in a list under the key None, short rows' fields as None
+    return [(line, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None})
+            for line, row in rows]
 
 
 # ---------------------------------------------------------------- xlsx
@@ -201,11 +203,13 @@ def _sheet_cells(path: Path, sheet: str | None) -> list[tuple[Any, ...]]:
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
         try:
             ws = book[sheet] if sheet in book.sheetnames else book.worksheets[0]
+            ws.reset_dimensions()  # some writers record a wrong sheet size, cutting rows off
             return list(ws.iter_rows(values_only=True))
         finally:
             book.close()
     except Exception as err:  # noqa: BLE001
-        raise LayoutError(f"{path}: not a readable .xlsx workbook ({type(err).__name__}: {err})") from None
+        raise LayoutError(f"{path}: not a readable .xlsx workbook "
+                          f"({type(err).__name__}: {err})") from None
 
 
 # ---------------------------------------------------------------- MATLAB
@@ -220,7 +224,8 @@ def load_mat(path: Path, *keys: str) -> dict[str, np.ndarray]:
     try:
         data = scipy.io.loadmat(str(path))
     except Exception as err:  # noqa: BLE001
-        raise LayoutError(f"{path}: not a readable MATLAB file ({type(err).__name__}: {err})") from None
+        raise LayoutError(f"{path}: not a readable MATLAB file "
+                          f"({type(err).__name__}: {err})") from None
     for key in keys:
         if key not in data:
             found = ", ".join(k for k in data if not k.startswith("__")) or "nothing"

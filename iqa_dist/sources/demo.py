@@ -4,8 +4,8 @@ The photographs are the sample images that scikit-image ships. Each is cut into
 square tiles (all tiles of a photograph share one reference id, so a photograph never
 straddles two splits), and each tile is distorted at graded levels of several types,
 in the style of KADID-10k. The label is a full-reference score of the distorted tile
-against its pristine tile: 100 x SSIM over the three colour channels, so colour
-losses count, on one scale for every distortion type. Higher is better.
+against its pristine tile: SSIM over the three colour channels (so colour losses
+count), on one 0-1 scale for every distortion type. Higher is better.
 
 The result is an ordinary ``csv`` layout (``labels.csv`` + ``images/``), read by the
 generic csv reader.
@@ -65,10 +65,10 @@ DISTORTIONS: dict[str, Callable[[Image.Image, float, np.random.Generator], Image
 
 
 def score(ref: np.ndarray, dist: np.ndarray) -> float:
-    """100 x SSIM over the RGB channels (colour-blind grey SSIM would miss saturation)."""
+    """SSIM over the RGB channels (colour-blind grey SSIM would miss saturation)."""
     from skimage.metrics import structural_similarity
 
-    return 100.0 * float(structural_similarity(ref, dist, channel_axis=2, data_range=255,
+    return float(structural_similarity(ref, dist, channel_axis=2, data_range=255,
                                                gaussian_weights=True, sigma=1.5))
 
 
@@ -121,7 +121,7 @@ def _distort_tile(root: Path, name: str, ref: str, tile: Image.Image, levels: in
             out = distort(tile, (level - 1) / max(1, levels - 1), rng)
             file = f"images/{name}_{kind}_{level}.png"
             out.save(root / file, compress_level=1)
-            rows.append({"name": file, "mos": round(score(pristine, np.asarray(out)), 4),
+            rows.append({"name": file, "mos": round(score(pristine, np.asarray(out)), 6),
                          "ref": ref, "distortion": kind, "level": level})
     return rows
 
@@ -133,7 +133,7 @@ def _read(root: Path):
 
 
 register(Reader(
-    info=DatasetInfo(name="demo", label_name="100 x SSIM", scale=(0.0, 100.0),
+    info=DatasetInfo(name="demo", label_name="SSIM", scale=(0.0, 1.0),
                      higher_is_better=True, split_unit="reference",
                      source="scikit-image sample photographs, distorted by iqa_dist.sources.demo"),
     read=_read,

@@ -37,7 +37,8 @@ def _std(var: str) -> float | None:
 register(Reader(
     info=DatasetInfo(name="kadid-10k", label_name="DMOS", scale=(1.0, 5.0), higher_is_better=True,
                      split_unit="reference",
-                     source="KADID-10k (Lin et al., 2019), database.mmsp-kn.de/kadid-10k-database.html"),
+                     source="KADID-10k (Lin et al., 2019), "
+                            "database.mmsp-kn.de/kadid-10k-database.html"),
     read=read,
     notes=["the dmos column is higher-is-better despite its name",
            "std = sqrt(var) of the file's var column",

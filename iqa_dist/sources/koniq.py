@@ -43,7 +43,8 @@ def official_split(path: Path) -> dict[str, str]:
 register(Reader(
     info=DatasetInfo(name="koniq-10k", label_name="MOS_zscore", scale=(0.0, 100.0),
                      higher_is_better=True, split_unit="image",
-                     source="KonIQ-10k (Hosu et al., 2020), database.mmsp-kn.de/koniq-10k-database.html"),
+                     source="KonIQ-10k (Hosu et al., 2020), "
+                            "database.mmsp-kn.de/koniq-10k-database.html"),
     read=read,
     notes=["label: MOS_zscore (0-100), what HyperIQA trains on",
            "std: the file's SD, which is on MOS's 1-5 scale, not on the label's 0-100",

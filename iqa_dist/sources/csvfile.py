@@ -1,0 +1,52 @@
+"""Any data set described by a ``labels.csv`` at its root (``--dataset csv``).
+
+Header columns: ``name`` (image path relative to the root) and ``mos`` are required;
+``std``, ``ref`` (reference id: the split unit; without it every image is its own),
+``split`` (train/val/test, an official split), ``distortion`` and ``level`` are optional.
+Optional values that do not parse are left empty; an unknown split skips the row.
+
+A csv says nothing of its label's direction or scale: higher is taken as better, and
+the scale on the card is the range of the labels read.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from . import DatasetInfo, Reader, Record, Skipped, register
+from ._util import SPLIT_NAMES, Collector, csv_rows, integer
+
+LABELS = "labels.csv"
+
+
+def read(root: Path) -> tuple[list[Record], list[Skipped]]:
+    root = Path(root)
+    out = Collector(root / LABELS)
+    for line, row in csv_rows(out.label_file, ("name", "mos")):
+        split = row.get("split", "").lower()
+        if split and split not in SPLIT_NAMES:
+            out.skip(line, f"unknown split {row['split']!r} (use train, val or test)")
+            continue
+        name = row["name"]
+        out.add(line, name, row["mos"], root / name, std=row.get("std"),
+                ref=row.get("ref") or None, distortion=row.get("distortion") or None,
+                level=integer(row.get("level")), split=SPLIT_NAMES.get(split))
+    return out.result()
+
+
+def _read_with_scale(root: Path) -> tuple[list[Record], list[Skipped]]:
+    # pack takes the card's scale from the reader's info, read after this call
+    records, skipped = read(root)
+    if records:
+        labels = [r.label for r in records]
+        READER.info = dataclasses.replace(READER.info, scale=(min(labels), max(labels)))
+    return records, skipped
+
+
+READER = register(Reader(
+    info=DatasetInfo(name="csv", label_name="MOS", scale=(0.0, 100.0), higher_is_better=True,
+                     split_unit="reference"),
+    read=_read_with_scale,
+    notes=["direction unknown: higher is taken as better",
+           "scale: the range of the labels read (0-100 until a data set is read)"],
+))

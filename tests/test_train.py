@@ -1,0 +1,180 @@
+"""The training loop as users run it: real processes, real signals, real DDP over gloo."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from iqa_dist.checkpoint import EXIT_PREEMPTED
+
+REPO = Path(__file__).parents[1]
+
+
+def machinery_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A run small enough for a test, with dropout and drop-path on (RNG state matters)."""
+    return ["--model_size", "micro", "--dataset", str(shards), "--run_dir", str(run_dir),
+            "--batch_size", "4", "--train_patch_num", "2", "--test_patch_num", "1", "--workers", "1",
+            "--max_steps_per_epoch", "4", "--epochs", "3", "--dropout_rate", "0.2",
+            "--drop_path_rate", "0.1", "--lr", "1e-4", "--no_plots", "--no_spaq", "--log_every", "1",
+            *extra]
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "iqa_dist.train", *args]
+
+
+def accelerate_cmd(args: list[str], port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", str(port),
+            "-m", "iqa_dist.train", *args]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < end, "timed out"
+        time.sleep(0.05)
+
+
+def epochs_done(run_dir: Path) -> int:
+    last = run_dir / "checkpoints" / "last" / "trainer.json"
+    return json.loads(last.read_text())["epoch"] if last.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    out = run(train_cmd(machinery_args(small_shards, run_dir)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def test_run_directory_holds_what_users_need(uninterrupted):
+    run_dir = uninterrupted
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["model_size"] == "micro" and cfg["max_steps_per_epoch"] == 4
+    rows = list(csv.DictReader(open(run_dir / "summary.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert {"train_loss", "val_srcc", "val_plcc", "lr"} <= set(rows[0])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 1 and results["epochs_run"] == 3
+    assert {"srcc", "plcc", "krcc", "rmse", "plcc_logistic"} <= set(results["test"])
+    assert (run_dir / "checkpoints" / "last").is_symlink()
+    assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()
+    assert list((run_dir / "tb").glob("events.*"))
+    state = json.loads((run_dir / "checkpoints" / "last" / "trainer.json").read_text())
+    assert state["global_step"] == 12 and state["epoch"] == 3
+
+
+def test_killed_run_resumes_bit_identical(small_shards, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    args = machinery_args(small_shards, run_dir)
+    proc = subprocess.Popen(train_cmd(args), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    wait_for(lambda: epochs_done(run_dir) >= 1, proc)
+    proc.kill()  # SIGKILL: no chance to save anything
+    proc.wait()
+    out = run(train_cmd(args + ["--resume", "latest"]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stdout
+    assert_identical(final_weights(run_dir), final_weights(uninterrupted))
+    assert (run_dir / "summary.csv").read_text() .count("\n") == 4  # header + 3 epochs, none twice
+
+
+def test_sigusr1_saves_mid_epoch_and_resume_is_bit_identical(small_shards, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    args = machinery_args(small_shards, run_dir)
+    proc = subprocess.Popen(train_cmd(args), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    wait_for(lambda: epochs_done(run_dir) >= 1, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert (run_dir / "preempted" / "rank-0.json").exists()
+    out = run(train_cmd(args + ["--resume", "latest"]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (run_dir / "preempted").exists()
+    assert_identical(final_weights(run_dir), final_weights(uninterrupted))
+
+
+def test_early_stopping_on_validation(small_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # lr 0: validation never improves after the first epoch
+    out = run(train_cmd(machinery_args(small_shards, run_dir, "--lr", "0", "--epochs", "6",
+                                       "--patience", "2", "--dropout_rate", "0")))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs_run"] == 3 and results["best_epoch"] == 1
+    assert "early stopping" in out.stdout
+
+
+def test_rounds_report_median_and_spread(small_shards, tmp_path):
+    run_dir = tmp_path / "rounds"
+    out = run(train_cmd(machinery_args(small_shards, run_dir, "--rounds", "2", "--epochs", "1")))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert len(summary["rounds"]) == 2 and "test_srcc_median" in summary and "test_srcc_iqr" in summary
+    tests = [json.loads((run_dir / f"round-{r}" / "results.json").read_text()) for r in range(2)]
+    assert all(t["epochs_run"] == 1 for t in tests)
+
+
+def test_nan_loss_stops_with_a_clear_message(small_shards, tmp_path):
+    out = run(train_cmd(machinery_args(small_shards, tmp_path / "run", "--lr", "1e30", "--epochs", "2",
+                                       "--max_steps_per_epoch", "20", "--grad_clip", "0")))
+    assert out.returncode == 1
+    assert "loss is nan" in out.stderr or "loss is inf" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    args = machinery_args(small_shards, run_dir, "--epochs", "2")
+    out = run(accelerate_cmd(args, port=29531))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2  # two real ranks, not two lone runs
+
+    # SIGUSR1 to one rank only: both agree, save, and leave with the preemption code
+    run_dir = tmp_path / "ddp-stop"
+    args = machinery_args(small_shards, run_dir, "--epochs", "3")
+    proc = subprocess.Popen(accelerate_cmd(args, port=29532), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    wait_for(lambda: epochs_done(run_dir) >= 1, proc)
+    import psutil
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "iqa_dist.train" in " ".join(p.cmdline()) and "accelerate" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert sorted(p.name for p in (run_dir / "preempted").iterdir()) == ["rank-0.json", "rank-1.json"]
+    assert err.count("exitcode  : 99") == 2 or proc.returncode == EXIT_PREEMPTED, err[-3000:]
