@@ -185,3 +185,48 @@ def test_demo_is_deterministic(tmp_path):
     assert (a / "labels.csv").read_text() == (b / "labels.csv").read_text()
     for f in sorted((a / "images").iterdir()):
         assert f.read_bytes() == (b / "images" / f.name).read_bytes()
+
+
+LAYOUT_EXPECT = {  # name: (split unit, higher_is_better)
+    "koniq-10k": ("image", True), "livec": ("image", True), "spaq": ("image", True),
+    "csiq": ("reference", False), "tid2013": ("reference", True), "kadid-10k": ("reference", True),
+    "live": ("reference", False), "csv": ("reference", True),  # csv: by its ref column
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_EXPECT))
+def test_every_native_layout_packs(name, tmp_path):
+    from layouts import LAYOUTS
+
+    from iqa_dist.sources import get_reader
+
+    root = LAYOUTS[name](tmp_path / "src")
+    records, _ = get_reader(name).read(root)
+    out = tmp_path / "out"
+    report = pack(name, root, out, PackOptions(rounds=3), workers=0)
+    rows = _manifest(out)
+    on_disk = [r for r in records if r.path.exists()]
+    assert len(rows) == report["packed"] == len(on_disk) > 0
+    assert {r["key"]: r["label"] for r in rows} == {r.key: r.label for r in on_disk}
+    missing = [s for s in report["skipped"] if "missing" in s["reason"]]
+    assert len(missing) == len(records) - len(on_disk)  # never a silent drop
+    unit, higher = LAYOUT_EXPECT[name]
+    card = json.loads((out / "card.json").read_text())
+    assert (card["split_unit"], card["higher_is_better"]) == (unit, higher)
+    if unit == "reference":
+        for r in range(3):
+            owner = {}
+            for row in rows:
+                assert owner.setdefault(row["ref"], row[f"split_{r}"]) == row[f"split_{r}"]
+    assert verify(out) == []
+
+
+def test_koniq_official_split_is_round_zero(tmp_path):
+    from layouts import make_koniq
+
+    root = make_koniq(tmp_path / "src", n=9)
+    out = tmp_path / "out"
+    pack("koniq-10k", root, out, PackOptions(rounds=2), workers=0)
+    rows = _manifest(out)
+    assert all(r["split_0"] == r["official_split"] for r in rows)
+    assert {r["split_0"] for r in rows} == {"train", "val", "test"}
