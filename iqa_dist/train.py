@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -55,12 +56,13 @@ class Diverged(RuntimeError):
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    # An explicit gloo backend on CPU: without it Accelerate leaves the process group to
-    # DeepSpeed, which then believes it is alone.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    no_gpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and several else []
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
+    # On CPU, an explicit gloo backend: without it Accelerate leaves the process group
+    # unset and DeepSpeed believes it is alone. cpu=True would switch DeepSpeed off.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and several else []
+    accelerator = Accelerator(cpu=no_gpu and not deepspeed, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # we prepare no data loader, so DeepSpeed's "auto" values need us
@@ -100,6 +102,8 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        if threading.current_thread() is not threading.main_thread():
+            return  # Ray Tune runs a trial in a thread, where signals cannot be caught
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -181,8 +185,19 @@ class Trainer:
         saved = ckpt.read_trainer_state(path)
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.state = State(**saved)
+        self.rebase_lr()
         self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, "
                  f"step {self.state.step_in_epoch}/{self.steps}")
+
+    def rebase_lr(self) -> None:
+        """Put the restored schedule on this config's learning rates: a resumed run may
+        change them (PBT's explore, a user's --lr); unchanged, every value stays the same."""
+        sched = self.scheduler
+        for i, group in enumerate(self.optimizer.param_groups):
+            base = self.cfg.lr if group["name"].startswith("backbone") else self.cfg.lr * self.cfg.lr_ratio
+            sched.base_lrs[i] = group["initial_lr"] = base
+            group["lr"] = base * sched.lr_lambdas[i](sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def save_best(self, metrics: dict[str, float]) -> None:
         weights = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards
