@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# A Ray Tune sweep on a Slurm allocation: a Ray head on the first node, a Ray worker on
+# each other node (one srun step each, `ray start --block`), then the sweep driver
+# `python -m iqa_dist.tune --address HEAD_IP:PORT` here in the batch script. Ray is
+# stopped by ending those steps (never `ray stop`: it kills every Ray on the machine,
+# other users' and other jobs' too), so nothing is left running.
+#
+#   mkdir -p runs/slurm && IQA_SWEEP_CONFIG=configs/sweep.yaml sbatch --nodes=2 slurm/sweep.sh
+#
+# With several nodes the sweep's storage_path must be on a shared file system.
+#
+# Environment (all optional):
+#   IQA_SWEEP_CONFIG  sweep YAML (default configs/sweep.yaml)
+#   IQA_ARGS          extra arguments of iqa_dist.tune, split on blanks (e.g. "--resume")
+#   GPUS_PER_NODE     GPUs Ray may use on each node (default $SLURM_GPUS_ON_NODE, else 0)
+#   IQA_RAY_TMP       Ray's temp dir on every node; keep it short, Ray's unix socket paths
+#                     under it must fit in 107 bytes (default /tmp/ray-$SLURM_JOB_ID). Removed
+#                     on success, kept (for its logs) when the sweep failed.
+#   RAY_START_TIMEOUT seconds to wait for all nodes to join (default 180)
+#   RAY_AUTH_MODE     default "disabled", as iqa_dist.tune sets for its own driver; both
+#                     sides must agree (with "token", the head and the driver share
+#                     ~/.ray/auth_token)
+#   IQA_TUNE_MODULE   driver module (default iqa_dist.tune; tests use a stand-in)
+#   VENV, IQA_PORT, IQA_HEAD_IP: see slurm/common.sh (the job's ports: GCS at IQA_PORT,
+#                     Ray's other fixed ports at +1..+7, workers at +10..+99)
+#
+#SBATCH --job-name=iqa-sweep
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --cpus-per-task=32
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
+#SBATCH --output=runs/slurm/%x-%j.out
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+[[ -f slurm/common.sh ]] || { echo "slurm/common.sh not found in $PWD: submit from the repository root" >&2; exit 2; }
+# shellcheck source=slurm/common.sh
+source slurm/common.sh
+[[ -n ${SLURM_JOB_ID:-} ]] || iqa_die "submit with sbatch (needs a Slurm allocation)"
+iqa_setup
+
+SWEEP_CONFIG=${IQA_SWEEP_CONFIG:-configs/sweep.yaml}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+RAY_TMP=${IQA_RAY_TMP:-/tmp/ray-$SLURM_JOB_ID}
+TIMEOUT=${RAY_START_TIMEOUT:-180}
+HEAD=$(iqa_head_node)
+HEAD_IP=$(iqa_head_ip "$HEAD")
+PORT=$(iqa_port)
+ADDRESS=$HEAD_IP:$PORT
+CPUS=$(iqa_step_cpus)
+read -r -a EXTRA <<<"${IQA_ARGS:-}"
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export RAY_TMPDIR=$RAY_TMP RAY_USAGE_STATS_ENABLED=0
+
+# Ports of this job only, so that two sweeps can share a node.
+RAY_COMMON=(--block --temp-dir="$RAY_TMP" --num-cpus="$CPUS" --num-gpus="$GPUS_PER_NODE"
+    --node-manager-port=$((PORT + 6)) --object-manager-port=$((PORT + 7))
+    --min-worker-port=$((PORT + 10)) --max-worker-port=$((PORT + 99))
+    --dashboard-agent-listen-port=$((PORT + 2)) --dashboard-agent-grpc-port=$((PORT + 3))
+    --runtime-env-agent-port=$((PORT + 4)) --metrics-export-port=$((PORT + 5)))
+STEP_PIDS=()
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT
+    if ((${#STEP_PIDS[@]})); then
+        iqa_log "stopping Ray (srun steps ${STEP_PIDS[*]})"
+        # SIGTERM makes srun end its step: Slurm kills every process in it (ray start,
+        # gcs_server, raylet, workers), even those that left the process tree.
+        kill -TERM "${STEP_PIDS[@]}" 2>/dev/null || true
+        for _ in $(seq 60); do
+            alive=""
+            for pid in "${STEP_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            [[ -n $alive ]] || break
+            sleep 0.5
+        done
+        for pid in "${STEP_PIDS[@]}"; do
+            if kill -0 "$pid" 2>/dev/null; then
+                iqa_log "srun $pid still running after 30 s: cancelling the job's steps"
+                squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -v -E '\.(batch|extern)$' | xargs -r scancel --signal=KILL || true
+                break
+            fi
+        done
+        wait "${STEP_PIDS[@]}" 2>/dev/null || true
+    fi
+    if [[ $rc == 0 ]]; then rm -rf "$RAY_TMP"; else iqa_log "Ray logs kept in $RAY_TMP on $HEAD"; fi
+    iqa_log "exit $rc"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM
+
+iqa_log "Ray head on $HEAD ($ADDRESS), $NNODES node(s), $CPUS CPUs and $GPUS_PER_NODE GPUs each, temp dir $RAY_TMP"
+srun --nodes=1 --ntasks=1 -w "$HEAD" --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
+    ray start --head --node-ip-address="$HEAD_IP" --port="$PORT" \
+    --ray-client-server-port=$((PORT + 1)) --include-dashboard=false "${RAY_COMMON[@]}" &
+STEP_PIDS+=($!)
+if ((NNODES > 1)); then
+    srun --nodes=$((NNODES - 1)) --ntasks=$((NNODES - 1)) --ntasks-per-node=1 --exclude="$HEAD" \
+        --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
+        ray start --address="$ADDRESS" "${RAY_COMMON[@]}" &
+    STEP_PIDS+=($!)
+fi
+
+# Wait (bounded) until every node has joined.
+end=$((SECONDS + TIMEOUT))
+while :; do
+    nodes=$(ray status --address "$ADDRESS" 2>/dev/null | grep -c -E '^ *1 node_' || true)
+    ((nodes >= NNODES)) && break
+    for pid in "${STEP_PIDS[@]}"; do
+        kill -0 "$pid" 2>/dev/null || iqa_die "a Ray step exited before the cluster was up"
+    done
+    ((SECONDS < end)) || iqa_die "only ${nodes:-0} of $NNODES Ray node(s) up after ${TIMEOUT}s"
+    sleep 2
+done
+iqa_log "Ray cluster up: $nodes node(s)"
+
+# In the background, so that SIGTERM (scancel, time limit) is passed on at once: Slurm
+# signals only the batch shell itself, not its children.
+python -m "${IQA_TUNE_MODULE:-iqa_dist.tune}" --config "$SWEEP_CONFIG" --address "$ADDRESS" "${EXTRA[@]}" &
+DRIVER=$!
+trap '_IQA_TRAPPED=1; iqa_log "got SIGTERM: stopping the sweep driver"; kill -TERM $DRIVER 2>/dev/null || true' TERM
+iqa_wait "$DRIVER"
+exit "$IQA_RC"
