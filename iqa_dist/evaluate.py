@@ -1,17 +1,36 @@
-"""Evaluate a model on packed sets: every image once across ranks, one score per image."""
+"""Evaluate a model on packed sets: every image once across ranks, one score per image.
+
+As a command, a trained model's cross-data-set tests:
+
+    python -m iqa_dist.evaluate --checkpoint runs/koniq-tiny --shards shards/spaq shards/csiq
+    accelerate launch --config_file launch/cpu_2proc.yaml -m iqa_dist.evaluate --checkpoint ... --shards ...
+
+Per set: SRCC, PLCC (raw and after a logistic fit), KRCC and RMSE of the per-image
+scores (mean over the trained configuration's deterministic crops). A set whose labels
+run the other way from the training labels (DMOS vs MOS, from the sets' cards) is
+correlated against its negated labels ("flipped"), so a good model is positive on every
+set. Ranks share the images: each is scored exactly once.
+"""
 from __future__ import annotations
 
+import argparse
+import csv
 import json
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from .config import Config
-from .data.stream import Split, eval_loader
+from .data.stream import Split, eval_loader, load_split
 from .metrics import compute_metrics
+from .tools import load_trained, markdown_table
 
 
 def card_of(shards: str | Path) -> dict:
@@ -29,13 +48,26 @@ def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, "max").item()) if accelerator.num_processes > 1 else flag
 
 
-@torch.no_grad()
 def predict_split(model: torch.nn.Module, split: Split, cfg: Config, accelerator: Accelerator,
                   batch_size: int | None = None) -> dict[str, tuple[float, float]]:
-    """{image key: (mean prediction over its crops, label)}, identical on every rank.
+    """{image key: (mean prediction over its crops, label)}, identical on every rank."""
+    local = local_predictions(model, split, cfg, accelerator, batch_size)
+    return {k: (p, label) for k, p, label in gather_all(accelerator, local)}
 
-    Ranks step in lockstep (a dummy batch when a rank has run out) because a wrapped
-    model's forward may hold collectives (DDP buffer sync, ZeRO-3 gathers).
+
+def gather_all(accelerator: Accelerator, items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    return gather_object(items) if accelerator.num_processes > 1 else items
+
+
+@torch.no_grad()
+def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, accelerator: Accelerator,
+                      batch_size: int | None = None) -> list[tuple[str, float, float]]:
+    """(key, mean prediction over its crops, label) of the images this rank read.
+
+    Every rank must call it: ranks step in lockstep (a dummy batch when a rank has run
+    out) because a wrapped model's forward may hold collectives (DDP buffer sync, ZeRO-3
+    gathers).
     """
     was_training = model.training
     model.eval()
@@ -62,9 +94,7 @@ def predict_split(model: torch.nn.Module, split: Split, cfg: Config, accelerator
                 entry[0] += pred
                 entry[1] += 1
     model.train(was_training)
-    local = [(k, s / n, label) for k, (s, n, label) in sums.items()]
-    gathered = gather_object(local) if accelerator.num_processes > 1 else local
-    return {k: (p, label) for k, p, label in gathered}
+    return [(k, s / n, label) for k, (s, n, label) in sums.items()]
 
 
 def split_metrics(preds: dict[str, tuple[float, float]], same_direction: bool = True) -> dict[str, float]:
@@ -73,3 +103,129 @@ def split_metrics(preds: dict[str, tuple[float, float]], same_direction: bool = 
     p = np.array([preds[k][0] for k in keys])
     y = np.array([preds[k][1] for k in keys])
     return compute_metrics(p, y, higher_is_better=same_direction)
+
+
+# ---------------------------------------------------------------- command line: cross-data-set tests
+
+RESULT_COLUMNS = ("set", "split", "images", "srcc", "plcc", "plcc_logistic", "krcc", "rmse",
+                  "direction", "label", "per_rank")
+
+
+@dataclass
+class SetResult:
+    row: dict  # RESULT_COLUMNS and more
+    preds: dict[str, tuple[float, float]]  # image key: (prediction, raw label)
+
+
+def _label_text(card: dict) -> str:
+    direction = "higher is better" if card.get("higher_is_better", True) else "lower is better"
+    return f"{card.get('label_name', 'label')} ({direction})"
+
+
+def evaluate_set(model: torch.nn.Module, name: str, split: Split, cfg: Config, accelerator: Accelerator,
+                 trained_card: dict, batch_size: int | None = None) -> SetResult:
+    """Metrics of one set's split; every rank must call it (predictions are gathered)."""
+    card = card_of(split.root)
+    local = local_predictions(model, split, cfg, accelerator, batch_size)
+    scored = gather_all(accelerator, local)
+    per_rank = gather_all(accelerator, [len(local)])
+    preds = {k: (p, label) for k, p, label in scored}
+    same = same_direction(trained_card, card)
+    row = {"set": name, "split": split.name, "images": len(preds), "scored": len(scored),
+           "per_rank": "/".join(map(str, per_rank)), "direction": "same" if same else "flipped",
+           "label": _label_text(card), "path": str(split.root), **split_metrics(preds, same)}
+    return SetResult(row, preds)
+
+
+def _set_names(roots: list[Path]) -> list[str]:
+    """Folder names, made unique (they name the scatter plots)."""
+    names: list[str] = []
+    for root in roots:
+        name = root.name or "set"
+        names.append(name if name not in names else f"{name}-{len(names)}")
+    return names
+
+
+def default_out(weights: Path) -> Path:
+    """<run dir>/evaluate for a run's best weights, else next to the weights file."""
+    best = weights.parent
+    if best.name == "best" and best.parent.name == "checkpoints":
+        return best.parent.parent / "evaluate"
+    return best / "evaluate"
+
+
+def write_results(out: Path, results: list[SetResult], header: str) -> None:
+    from .plots import scatter  # matplotlib: not loaded by the training loop that imports this module
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.row for r in results]
+    pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    notes = ("\n\n`flipped`: the set's labels run the other way from the training labels (e.g. DMOS "
+             "vs MOS); its correlations are taken against the negated labels. RMSE is on the raw "
+             "values: it means something only on the training labels' scale.\n")
+    (out / "results.md").write_text(header + "\n\n" + markdown_table(rows, RESULT_COLUMNS) + notes)
+    pq.write_table(pa.Table.from_pylist(
+        [{"set": r.row["set"], "key": k, "prediction": p, "label": y}
+         for r in results for k, (p, y) in sorted(r.preds.items())]), out / "predictions.parquet")
+    for r in results:
+        if r.preds:
+            title = f"{r.row['set']} ({r.row['split']}): SRCC {r.row['srcc']:.3f}"
+            scatter(r.preds, out / f"scatter_{r.row['set']}.png", title)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, its checkpoints/best, or a model.safetensors next to config.yaml")
+    p.add_argument("--shards", nargs="+", required=True, help="packed sets: paths, or names under shards_root")
+    p.add_argument("--split", default="all", choices=("all", "test", "val", "train"))
+    p.add_argument("--round", type=int, help="split round (default: the trained config's)")
+    p.add_argument("--out", type=Path, help="output folder (default: <run dir>/evaluate)")
+    p.add_argument("--batch_size", type=int, help="crops per forward pass (default: the trained config's)")
+    p.add_argument("--test_patch_num", type=int, help="crops per image (default: the trained config's)")
+    p.add_argument("--workers", type=int, help="data loader processes per rank (default: the trained config's)")
+    p.add_argument("--mixed_precision", default="no", choices=("no", "bf16", "fp16"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import make_accelerator, shards_path  # train imports this module
+
+    args = _parse_args(argv)
+    try:
+        trained = load_trained(args.checkpoint)
+        overrides = {k: v for k, v in (("test_patch_num", args.test_patch_num), ("workers", args.workers),
+                                       ("split_round", args.round)) if v is not None}
+        cfg = replace(trained.cfg, mixed_precision=args.mixed_precision, **overrides)
+        roots = [shards_path(cfg, s) for s in args.shards]
+        splits = [load_split(root, args.split, cfg.split_round) for root in roots]
+    except (FileNotFoundError, ValueError) as err:  # the same on every rank: all leave together
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    accelerator = make_accelerator(cfg)
+    model = trained.model.to(accelerator.device)
+    results = []
+    for name, split in zip(_set_names(roots), splits):
+        if accelerator.is_main_process:
+            print(f"evaluating {name} ({split.name}: {len(split)} images) on "
+                  f"{accelerator.num_processes} process(es)", flush=True)
+        results.append(evaluate_set(model, name, split, cfg, accelerator, trained.card, args.batch_size))
+    if accelerator.is_main_process:
+        out = args.out or default_out(trained.weights)
+        header = (f"# Cross-data-set evaluation\n\nmodel: `{trained.weights}` ({cfg.model_size}), trained on "
+                  f"{trained.card.get('name', '?')} ({_label_text(trained.card)}); split `{args.split}`, "
+                  f"{cfg.test_patch_num} crops per image, {accelerator.num_processes} process(es)")
+        write_results(out, results, header)
+        print(markdown_table([r.row for r in results], RESULT_COLUMNS))
+        print(f"results in {out}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,9 @@ def open_rgb(data: bytes, where: str = "image") -> tuple[Image.Image, str | None
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:  # PIL's message names an anonymous buffer, not the file
+        raise BadImage(f"{where}: unreadable image (not an image format PIL knows)") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"{where}: unreadable image ({err})") from None
     if img.mode in _DIRECT:
         return img, None

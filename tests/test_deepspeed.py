@@ -31,7 +31,7 @@ def no_shared_memory_left():
 @pytest.mark.slow
 def test_zero2_trains_checkpoints_and_resumes(small_shards, tmp_path):
     run_dir = tmp_path / "zero2"
-    args = machinery_args(small_shards, run_dir, "--workers", "0")
+    args = machinery_args(small_shards, run_dir, "--workers", "0")  # later flags win
     first = zero2(args + ["--epochs", "1"])
     assert first.returncode == 0, first.stderr[-3000:]
     last = run_dir / "checkpoints" / "last"

@@ -20,13 +20,17 @@ from iqa_dist.checkpoint import EXIT_PREEMPTED
 REPO = Path(__file__).parents[1]
 
 
+# A run small enough for a test, with dropout and drop-path on (RNG state matters).
+MACHINERY = dict(model_size="micro", batch_size=4, train_patch_num=2, test_patch_num=1, workers=1,
+                 max_steps_per_epoch=4, epochs=3, dropout_rate=0.2, drop_path_rate=0.1, lr=1e-4,
+                 plots=False, spaq=False, log_every=1)
+
+
 def machinery_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A run small enough for a test, with dropout and drop-path on (RNG state matters)."""
-    return ["--model_size", "micro", "--dataset", str(shards), "--run_dir", str(run_dir),
-            "--batch_size", "4", "--train_patch_num", "2", "--test_patch_num", "1", "--workers", "1",
-            "--max_steps_per_epoch", "4", "--epochs", "3", "--dropout_rate", "0.2",
-            "--drop_path_rate", "0.1", "--lr", "1e-4", "--no_plots", "--no_spaq", "--log_every", "1",
-            *extra]
+    args = ["--dataset", str(shards), "--run_dir", str(run_dir)]
+    for key, value in MACHINERY.items():
+        args += [f"--no_{key}"] if value is False else [f"--{key}", str(value)]
+    return args + list(extra)
 
 
 def env() -> dict[str, str]:

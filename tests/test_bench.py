@@ -1,0 +1,86 @@
+"""bench: every subcommand runs on a tiny configuration and prints its table.
+
+Speeds are never asserted: they depend on the machine and its load.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from iqa_dist.bench import main
+from iqa_dist.checkpoint import save_weights, write_json
+from iqa_dist.config import Config, save_yaml
+from iqa_dist.tools import model_from_config
+from test_train import run
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # restored after each test: the benches set it
+
+
+def bench(capsys, tmp_path: Path, *argv: str) -> tuple[str, dict]:
+    out = tmp_path / "bench.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    return capsys.readouterr().out, json.loads(out.read_text())
+
+
+def test_data(capsys, tmp_path, small_shards):
+    text, result = bench(capsys, tmp_path, "data", "--shards", str(small_shards), "--images", "4",
+                         "--patch_num", "3", "--workers", "0", "--batch_size", "2", "--shuffle_buffer", "2")
+    assert "## bench data" in text and "reference" in text and "bound" in text
+    assert "target ours / reference >= 10x" in text and "target bound / ours <= 1.5x" in text
+    reference, ours, bound = result["rows"]
+    # the clock starts at the first batch: the others are timed, 12 patches in all
+    assert reference["patches"] == ours["patches"] == 4 * 3 - 2
+    assert min(reference["patches/s"], ours["patches/s"], bound["patches/s"]) > 0
+
+
+def test_step(capsys, tmp_path):
+    text, result = bench(capsys, tmp_path, "step", "--model_size", "micro", "--batch_size", "2",
+                         "--iters", "1", "--warmup", "0")
+    assert "## bench step" in text and "backbone only" in text and "target HyperIQA / backbone-only" in text
+    assert [r["step"] for r in result["rows"]] == ["HyperIQA", "backbone only"]
+    assert result["figures"]["ratio"] > 0
+
+
+def test_eval_with_a_checkpoint(capsys, tmp_path, small_shards):
+    cfg = Config(model_size="micro", test_patch_num=2)
+    best = tmp_path / "run" / "checkpoints" / "best"
+    save_weights(model_from_config(cfg).state_dict(), best / "model.safetensors")
+    save_yaml(cfg, best / "config.yaml")
+    write_json(best / "metrics.json", {"label_card": {"higher_is_better": True}})
+    text, result = bench(capsys, tmp_path, "eval", "--checkpoint", str(tmp_path / "run"), "--shards",
+                         str(small_shards), "--images", "3", "--patch_num", "2", "--workers", "0",
+                         "--batch_size", "4", "--device", "cpu")
+    assert "## bench eval" in text and "reference (batch 1" in text and "target ours / reference" in text
+    assert [r["images"] for r in result["rows"]] == [3, 3]
+    assert result["figures"]["model_size"] == "micro"
+
+
+@pytest.mark.slow
+def test_ddp(capsys, tmp_path):
+    text, result = bench(capsys, tmp_path, "ddp", "--model_size", "micro", "--batch_size", "2",
+                         "--iters", "2", "--warmup", "1")
+    assert "## bench ddp" in text and "target 2 ranks / 1 rank" in text
+    assert [r["ranks"] for r in result["rows"]] == [1, 2]  # the second really ran two processes
+
+
+@pytest.mark.slow
+def test_sweep(tmp_path, small_shards):
+    base = tmp_path / "tiny.yaml"
+    base.write_text("model_size: micro\nbatch_size: 4\ntrain_patch_num: 2\ntest_patch_num: 1\n"
+                    "workers: 0\nshuffle_buffer: 8\n")
+    out = tmp_path / "sweep.json"
+    done = run([sys.executable, "-m", "iqa_dist.bench", "sweep", "--base", str(base), "--shards", str(small_shards),
+                "--epochs", "2", "--max_steps_per_epoch", "1", "--lr", "1e-4", "1e-3", "--alpha", "0",
+                "--max_concurrent", "1", "--json", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## bench sweep" in done.stdout and "ASHA" in done.stdout
+    grid, asha = json.loads(out.read_text())["rows"]
+    assert grid["trials"] == asha["trials"] == 2
+    assert grid["epochs trained"] == 4  # every grid trial ran to the end
+    assert asha["epochs trained"] <= 4

@@ -1,0 +1,100 @@
+"""evaluate's command line: cross-data-set metrics, label direction from the cards, ranks."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from iqa_dist.evaluate import main
+from test_predict import train_tiny
+from test_train import REPO, run
+
+COLUMNS = {"set", "split", "images", "srcc", "plcc", "plcc_logistic", "krcc", "rmse", "direction", "per_rank"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_shards, tmp_path_factory) -> Path:
+    return train_tiny(small_shards, tmp_path_factory.mktemp("evaluate") / "run")
+
+
+@pytest.fixture(scope="module")
+def dmos_copy(small_shards, tmp_path_factory) -> Path:
+    """The same images and labels, but a card that says lower is better."""
+    copy = tmp_path_factory.mktemp("dmos") / "small-dmos"
+    shutil.copytree(small_shards, copy)
+    card = json.loads((copy / "card.json").read_text())
+    card.update(higher_is_better=False, label_name="DMOS")
+    (copy / "card.json").write_text(json.dumps(card))
+    return copy
+
+
+def evaluate_cmd(*args: str) -> list[str]:
+    return ["-m", "iqa_dist.evaluate", *args, "--workers", "1"]
+
+
+def results(out: Path) -> dict[str, dict]:
+    return {r["set"]: r for r in csv.DictReader(open(out / "results.csv"))}
+
+
+@pytest.fixture(scope="module")
+def one_process(trained_run, small_shards, dmos_copy, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "out"
+    done = run([sys.executable, *evaluate_cmd("--checkpoint", str(trained_run), "--shards", str(small_shards),
+                                              str(dmos_copy), "--out", str(out))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "small-dmos" in done.stdout and "srcc" in done.stdout  # the printed table
+    return out
+
+
+def test_every_output_is_written(one_process):
+    assert COLUMNS <= set(pq.read_table(one_process / "results.parquet").column_names)
+    assert "| set |" in (one_process / "results.md").read_text()
+    assert {p.name for p in one_process.glob("scatter_*.png")} == {"scatter_shards.png", "scatter_small-dmos.png"}
+    assert len(pq.read_table(one_process / "predictions.parquet")) == 2 * 24
+
+
+def test_lower_is_better_set_gets_flipped_correlations(one_process):
+    r = results(one_process)
+    mos, dmos = r["shards"], r["small-dmos"]
+    assert (mos["direction"], dmos["direction"]) == ("same", "flipped")
+    assert int(mos["images"]) == int(dmos["images"]) == 24  # split "all"
+    for metric in ("srcc", "plcc", "krcc"):
+        assert float(mos[metric]) != 0 and float(dmos[metric]) == pytest.approx(-float(mos[metric]))
+    assert float(dmos["rmse"]) == pytest.approx(float(mos["rmse"]))  # raw values, never flipped
+
+
+def test_split_option_takes_one_split(trained_run, small_shards, tmp_path):
+    done = run([sys.executable, *evaluate_cmd("--checkpoint", str(trained_run), "--shards", str(small_shards),
+                                              "--split", "test", "--out", str(tmp_path))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = results(tmp_path)["shards"]
+    assert row["split"] == "test" and int(row["images"]) == 6  # 24 images, a quarter for test
+
+
+def test_missing_set_is_a_one_line_error(trained_run, tmp_path, capsys):
+    assert main(["--checkpoint", str(trained_run), "--shards", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "nope" in err
+
+
+@pytest.mark.slow
+def test_two_ranks_score_each_image_exactly_once(trained_run, small_shards, one_process, tmp_path):
+    out = tmp_path / "ddp"
+    done = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", "29541",
+                *evaluate_cmd("--checkpoint", str(trained_run), "--shards", str(small_shards), "--out", str(out))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = results(out)["shards"]
+    per_rank = [int(n) for n in row["per_rank"].split("/")]
+    assert len(per_rank) == 2 and min(per_rank) > 0  # both ranks worked
+    assert sum(per_rank) == int(row["scored"]) == int(row["images"]) == 24  # none twice, none left out
+    ours = {r["key"]: r["prediction"] for r in pq.read_table(out / "predictions.parquet").to_pylist()}
+    single = {r["key"]: r["prediction"] for r in pq.read_table(one_process / "predictions.parquet").to_pylist()
+              if r["set"] == "shards"}
+    assert ours.keys() == single.keys()
+    assert all(ours[k] == pytest.approx(single[k], abs=1e-5) for k in ours)

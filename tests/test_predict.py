@@ -1,0 +1,116 @@
+"""predict: score files with a trained run; bad inputs are skipped with a reason each."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from iqa_dist.data.stream import eval_crops, normalise
+from iqa_dist.predict import expand_inputs, fixed_batches, main, score_files
+from iqa_dist.tools import load_trained
+from test_train import machinery_args, run, train_cmd
+
+
+def train_tiny(shards: Path, run_dir: Path) -> Path:
+    """A real run directory from a one-epoch micro training (3 crops per image at test)."""
+    out = run(train_cmd(machinery_args(shards, run_dir, "--epochs", "1", "--max_steps_per_epoch", "2",
+                                       "--test_patch_num", "3")))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_shards, tmp_path_factory) -> Path:
+    return train_tiny(small_shards, tmp_path_factory.mktemp("predict") / "run")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A good image, one smaller than a crop, a truncated JPEG and a text file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (260, 300, 3), dtype=np.uint8)).save(root / "good.png")
+    Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(root / "tiny.png")
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(root / "whole.jpg")
+    (root / "corrupt.jpg").write_bytes((root / "whole.jpg").read_bytes()[:400])
+    (root / "whole.jpg").unlink()
+    (root / "notes.txt").write_text("not an image\n")
+    return root
+
+
+def predict(*args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "iqa_dist.predict", *args])
+
+
+@pytest.fixture(scope="module")
+def scored_folder(trained_run, folder, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("scores") / "scores.csv"
+    return predict("--checkpoint", str(trained_run), str(folder), "--out", str(out), "--batch_size", "4"), out
+
+
+def test_folder_is_scored_and_bad_files_are_skipped_with_reasons(scored_folder, folder):
+    done, out = scored_folder
+    assert done.returncode == 1  # something was skipped
+    assert "Traceback" not in done.stderr
+    assert f"skipped {folder / 'corrupt.jpg'}: unreadable image" in done.stderr
+    assert f"skipped {folder / 'notes.txt'}: unreadable image (not an image format" in done.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert [Path(r["path"]).name for r in rows] == ["good.png", "tiny.png"]
+    assert all(np.isfinite(float(r["score"])) for r in rows)
+    notes = {Path(r["path"]).name: r["note"] for r in rows}
+    assert notes["good.png"] == "" and "upsampled" in notes["tiny.png"] and "100x80" in notes["tiny.png"]
+    assert "MOS on" in done.stdout and "higher is better" in done.stdout  # the label card's scale
+    assert "good.png" in done.stdout and "upsampled" in done.stdout  # the table
+
+
+def test_scores_are_deterministic_run_to_run(scored_folder, trained_run, folder, tmp_path):
+    _, first = scored_folder
+    out = tmp_path / "again.parquet"
+    done = predict("--checkpoint", str(trained_run / "checkpoints" / "best"), str(folder / "*.png"),
+                   "--out", str(out), "--batch_size", "4", "--workers", "0", "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = pq.read_table(out).to_pylist()
+    assert [(r["path"], float(r["score"])) for r in csv.DictReader(open(first))] == \
+           [(r["path"], r["score"]) for r in again]
+
+
+def test_score_is_the_mean_over_the_evaluation_crops_whatever_the_batching(trained_run, folder):
+    trained = load_trained(trained_run)
+    paths = [folder / "good.png", folder / "tiny.png"]
+    # batch 2 with 3 crops per image: the first image's crops straddle two batches
+    scored, skipped = score_files(trained.model, paths, patch_size=224, patch_num=3, batch_size=2,
+                                  device="cpu", progress=False)
+    assert not skipped
+    for path, s in zip(paths, scored):
+        arr = np.asarray(Image.open(path).convert("RGB"))
+        with torch.no_grad():
+            direct = trained.model(normalise(np.stack(eval_crops(str(path), arr, 224, 3)))).mean()
+        assert s.score == pytest.approx(float(direct), abs=1e-5)
+
+
+def test_batches_cut_across_images_and_keep_owners():
+    items = [(0, np.zeros((3, 1))), (1, np.ones((3, 1))), (2, np.full((1, 1), 2.0))]
+    batches = list(fixed_batches(items, 2))
+    assert [len(c) for c, _ in batches] == [2, 2, 2, 1]
+    assert np.concatenate([o for _, o in batches]).tolist() == [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_inputs_expand_folders_and_globs_and_report_missing(folder, tmp_path):
+    files, missing = expand_inputs([str(folder / "*.png"), str(folder / "good.png"),
+                                    str(tmp_path / "nothere.jpg"), str(tmp_path / "*.webp")])
+    assert [f.name for f in files] == ["good.png", "tiny.png"]  # no duplicates
+    assert [(Path(m.path).name, m.reason) for m in missing] == [("nothere.jpg", "no such file"),
+                                                                ("*.webp", "matches no file")]
+
+
+def test_missing_checkpoint_is_one_line(folder, tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "norun"), str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "norun" in err
