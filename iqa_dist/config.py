@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # -- model
-    model_size: str = "tiny"  # tiny | small | base (Swin) | resnet50 | micro (Swin), regnet (CPU demo)
+    model_size: str = "tiny"  # tiny | small | base (Swin) | resnet50 | micro (Swin), mobilenet (CPU demo)
     multiscale: bool = True  # concat of all four stages as hyper-network input
     attention_fusion: bool = False  # experimental, rejected in the original ablation
     dropout_rate: float = 0.3
@@ -82,7 +82,7 @@ _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
     "no_lr_scheduler": ("lr_scheduler", "none"),
 }
 _CHOICES = {
-    "model_size": ("tiny", "small", "base", "resnet50", "micro", "regnet"),
+    "model_size": ("tiny", "small", "base", "resnet50", "micro", "mobilenet"),
     "lr_scheduler": ("cosine", "step", "none"),
     "mixed_precision": ("no", "bf16", "fp16"),
 }

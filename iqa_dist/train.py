@@ -36,8 +36,8 @@ from .config import Config, ConfigError, parse_config, save_yaml
 from .data.stream import Split, load_split, steps_per_epoch, train_loader
 from .evaluate import card_of, predict_split, same_direction, split_metrics
 from .losses import iqa_loss
-from .models import create_model
 from .optim import build_optimizer, build_scheduler
+from .tools import model_from_config
 
 
 class Callback(Protocol):
@@ -143,10 +143,7 @@ class Trainer:
         self.steps = steps_per_epoch(self.train_split, cfg.train_patch_num, cfg.batch_size, world)
         if cfg.max_steps_per_epoch:
             self.steps = min(self.steps, cfg.max_steps_per_epoch)
-        model = create_model(cfg.model_size, multiscale=cfg.multiscale,
-                             attention_fusion=cfg.attention_fusion, dropout_rate=cfg.dropout_rate,
-                             drop_path_rate=cfg.drop_path_rate, pretrained=cfg.pretrained,
-                             pretrained_path=cfg.pretrained_path)
+        model = model_from_config(cfg, pretrained=True)
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(optimizer, cfg, max(1, self.steps // cfg.grad_accum))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)

@@ -1,0 +1,45 @@
+"""The real trainer and sweep through sbatch on the local one-node cluster (tests/cluster/start.sh)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import slurm
+from test_train import MACHINERY, REPO, accelerate_cmd, assert_identical, final_weights, run
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    reason = slurm.unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+def test_train_sh_two_ranks_preempted_requeued_same_weights(small_shards, tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump(MACHINERY | {"dataset": str(small_shards)}))
+    whole = tmp_path / "whole"
+    out = run(accelerate_cmd(["--config", str(cfg), "--run_dir", str(whole)], port=29561))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    run_dir, log = tmp_path / "job", tmp_path / "job.out"
+    env = {"IQA_CPU": "1", "GPUS_PER_NODE": "2", "IQA_LAUNCH_CONFIG": "launch/cpu_2proc.yaml",
+           "IQA_RUN_DIR": str(run_dir), "IQA_CONFIG": str(cfg), "OMP_NUM_THREADS": "1"}
+    job = slurm.submit(["-c", "2", "--mem=6G", "-o", str(log), "slurm/train.sh"], env=env, cwd=REPO)
+    last = run_dir / "checkpoints" / "last" / "trainer.json"
+    end = time.time() + 400
+    while not (last.exists() and json.loads(last.read_text())["epoch"] >= 1):
+        assert slurm.state(job)[0] not in slurm.FINAL and time.time() < end, slurm.output(log)
+        time.sleep(0.2)
+    slurm.signal_batch(job, "USR1")
+    assert slurm.wait(job, timeout=600) == ("COMPLETED", 0), slurm.output(log)
+    assert int(slurm.job_info(job).get("Restarts", "0")) == 1, slurm.output(log)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == 3
+    assert_identical(final_weights(run_dir), final_weights(whole))
