@@ -1,0 +1,568 @@
+"""Hyper-parameter sweeps of HyperIQA training with Ray Tune.
+
+    python -m iqa_dist.tune --config configs/sweep_demo.yaml
+    python -m iqa_dist.tune --config configs/sweep.yaml --address auto
+    python -m iqa_dist.tune --config configs/sweep.yaml --resume
+
+Every trial is one ``iqa_dist.train.train`` run that reports each epoch's validation
+metrics and checkpoint to Tune; a retried, resumed or (PBT) exploiting trial continues
+from its Tune checkpoint. Selection uses the validation split only. Results land in
+``<storage_path>/<name>/``: results.csv/.parquet (one row per trial), best_config.yaml
+(a train config, ready for ``python -m iqa_dist.train --config``) and sweep.png; each
+trial's training run is in ``trial_<id>/run`` and the epochs it trained in ``trial_<id>/epochs.csv``.
+
+Sweep YAML keys (all optional but ``base`` or ``overrides`` naming a data set):
+
+    base: configs/tiny.yaml        # train config every trial starts from (paths: from the cwd)
+    overrides: {epochs: 12}        # train Config keys applied to every trial
+    space:                         # default: dropout_rate, drop_path_rate, lr, ranking_loss_alpha
+      lr: {type: loguniform, low: 1.0e-6, high: 1.0e-4}   # also uniform; num: N for search grid
+      ranking_loss_alpha: {type: choice, values: [0.0, 0.5, 1.0]}  # also grid; randint low..high
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}  # pbt: perturbation_interval; none
+    search: random                 # or grid: every axis enumerated (choice values, range num points)
+    num_samples: 8                 # random draws (grid: repeats of the grid)
+    max_concurrent: 2
+    resources_per_trial: {cpu: 4, gpu: 1}
+    max_failures: 2                # retries of a failed trial, from its last checkpoint
+    metric: val_srcc
+    mode: max
+    storage_path: sweeps           # local or shared file system (every node must see it)
+    name: my-sweep
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import math
+import os
+import shutil
+import signal
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+
+from .config import FIELDS, Config, ConfigError, from_dict, load_yaml, save_yaml, to_dict
+
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "dropout_rate": {"type": "uniform", "low": 0.0, "high": 0.5},
+    "drop_path_rate": {"type": "uniform", "low": 0.0, "high": 0.4},
+    "lr": {"type": "loguniform", "low": 1e-6, "high": 1e-4},
+    "ranking_loss_alpha": {"type": "uniform", "low": 0.0, "high": 1.0},
+}
+SPACE_FIELDS = {  # per type: required fields, optional fields
+    "loguniform": ({"low", "high"}, {"num"}),
+    "uniform": ({"low", "high"}, {"num"}),
+    "randint": ({"low", "high"}, {"num"}),
+    "choice": ({"values"}, set()),
+    "grid": ({"values"}, set()),
+}
+SCHEDULER_FIELDS = {
+    "asha": {"grace_period", "reduction_factor"},
+    "pbt": {"perturbation_interval", "quantile_fraction", "resample_probability"},
+    "none": set(),
+    "fifo": set(),
+}
+SWEEP_KEYS = ("base", "overrides", "space", "scheduler", "search", "num_samples", "max_concurrent",
+              "resources_per_trial", "max_failures", "metric", "mode", "storage_path", "name")
+SET_BY_SWEEP = ("run_dir", "resume", "rounds")  # per trial, or meaningless in one (rounds)
+VAL_METRICS = ("val_srcc", "val_plcc", "val_krcc", "val_rmse")  # never a test metric
+EPOCH_LOG = "epochs.csv"  # in each trial's directory: every epoch the trial trained
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps a local Ray on 127.0.0.1
+    "RAY_AUTH_MODE": "disabled",  # else Ray creates ~/.ray/auth_token
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # trials keep the driver's working directory
+    # Tune snapshots its state at every checkpoint (num_to_keep=1), so that a killed sweep
+    # resumes where it was; with quick epochs it would warn about that every time
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+@dataclass
+class Sweep:
+    """A checked sweep: the base train config with absolute paths, and how to search."""
+
+    base: Config
+    space: dict[str, dict[str, Any]]
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
+    search: str = "random"
+    num_samples: int = 8
+    max_concurrent: int | None = None
+    cpu: float = 1.0
+    gpu: float = 0.0
+    max_failures: int = 1
+    metric: str = "val_srcc"
+    mode: str = "max"
+    storage_path: str = "sweeps"
+    name: str = "sweep"
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path).absolute() / self.name
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _nearest(key: str, valid: Sequence[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _typed(raw: dict, key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
+    value = raw.get(key, default)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ConfigError(f"{where}: {key}: expected {names}, got {value!r}")
+    return value
+
+
+def _one_of(raw: dict, key: str, choices: Sequence[str], default: str, where: str) -> str:
+    value = _typed(raw, key, str, default, where)
+    if value not in choices:
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Paths that work from any directory: trials may run elsewhere (another node, a chdir)."""
+    dataset = Path(cfg.dataset)
+    return replace(cfg, shards_root=str(Path(cfg.shards_root).absolute()),
+                   dataset=str(dataset.absolute()) if (dataset / "manifest.parquet").exists() else cfg.dataset,
+                   pretrained_path=cfg.pretrained_path and str(Path(cfg.pretrained_path).absolute()))
+
+
+def parse_base(raw: dict, where: str) -> Config:
+    base = _typed(raw, "base", (str, os.PathLike), None, where)
+    overrides = _typed(raw, "overrides", dict, {}, where)
+    for key in SET_BY_SWEEP:
+        if key in overrides:
+            raise ConfigError(f"{where}: overrides: {key!r} is set by the sweep")
+    try:
+        cfg = load_yaml(base) if base else Config()
+    except ConfigError as err:
+        raise ConfigError(f"{where}: base: {err}") from None
+    cfg = from_dict(overrides, cfg, where=f"{where}: overrides")
+    if cfg.rounds != 1:
+        raise ConfigError(f"{where}: base: rounds must be 1 in a sweep (one split per trial)")
+    return absolute_paths(cfg)
+
+
+def parse_axis(key: str, spec: Any, base: Config, where: str) -> dict[str, Any]:
+    """One entry of ``space``, its fields and every value it can take checked against Config."""
+    where = f"{where}: space.{key}"
+    if key not in FIELDS:
+        raise ConfigError(f"{where}: unknown Config key{_nearest(key, list(FIELDS))}")
+    if key in SET_BY_SWEEP:
+        raise ConfigError(f"{where}: set by the sweep, cannot be searched")
+    if not isinstance(spec, dict) or spec.get("type") not in SPACE_FIELDS:
+        raise ConfigError(f"{where}: expected {{type: {'|'.join(SPACE_FIELDS)}, ...}}, got {spec!r}")
+    required, optional = SPACE_FIELDS[spec["type"]]
+    given = set(spec) - {"type"}
+    if required - given or given - required - optional:
+        raise ConfigError(f"{where}: type {spec['type']} takes {', '.join(sorted(required | optional))}; "
+                          f"got {', '.join(sorted(given)) or 'nothing'}")
+    if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
+        raise ConfigError(f"{where}: values must be a non-empty list")
+    if "low" in spec and not all(isinstance(spec[k], (int, float)) and not isinstance(spec[k], bool)
+                                 for k in ("low", "high")):
+        raise ConfigError(f"{where}: low and high must be numbers")
+    for value in candidates(spec):
+        from_dict({key: value}, base, where=where)
+    if "low" in spec and not (spec["low"] < spec["high"] and (spec["type"] != "loguniform" or spec["low"] > 0)):
+        raise ConfigError(f"{where}: needs 0 < low < high for loguniform, low < high otherwise")
+    if "num" in spec and (not isinstance(spec["num"], int) or spec["num"] < 1):
+        raise ConfigError(f"{where}: num must be a positive integer")
+    return dict(spec)
+
+
+def candidates(spec: dict[str, Any]) -> list[Any]:
+    """Values to type-check: the listed ones, or a range's ends as the sampler will give them."""
+    if "values" in spec:
+        return spec["values"]
+    cast = int if spec["type"] == "randint" else float
+    return [cast(spec["low"]), cast(spec["high"])]
+
+
+def parse_scheduler(raw: dict, where: str) -> dict[str, Any]:
+    spec = raw.get("scheduler", "asha")
+    spec = {"type": spec} if isinstance(spec, str) else spec
+    if not isinstance(spec, dict) or spec.get("type") not in SCHEDULER_FIELDS:
+        raise ConfigError(f"{where}: scheduler: expected one of {', '.join(SCHEDULER_FIELDS)} "
+                          f"(or {{type: asha, ...}}), got {spec!r}")
+    unknown = set(spec) - {"type"} - SCHEDULER_FIELDS[spec["type"]]
+    if unknown:
+        key = sorted(unknown)[0]
+        options = ", ".join(sorted(SCHEDULER_FIELDS[spec["type"]])) or "none"
+        raise ConfigError(f"{where}: scheduler.{key}: not an option of {spec['type']} (options: {options})")
+    return dict(spec)
+
+
+def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
+    """Check a sweep mapping (the YAML's content); errors are one line naming ``where`` and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sweep keys")
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}{_nearest(key, SWEEP_KEYS)}")
+    base = parse_base(raw, where)
+    space = _typed(raw, "space", dict, DEFAULT_SPACE, where)
+    search = _one_of(raw, "search", ("random", "grid"), "random", where)
+    axes = {key: parse_axis(key, spec, base, where) for key, spec in space.items()}
+    if search == "grid":
+        for key, spec in axes.items():
+            if "low" in spec and "num" not in spec:
+                raise ConfigError(f"{where}: space.{key}: search grid needs num (points of the range)")
+    resources = _typed(raw, "resources_per_trial", dict, {}, where)
+    extra = sorted(set(resources) - {"cpu", "gpu"})
+    if extra:
+        raise ConfigError(f"{where}: resources_per_trial.{extra[0]}: only cpu and gpu can be given")
+    sweep = Sweep(
+        base=base, space=axes, scheduler=parse_scheduler(raw, where), search=search,
+        num_samples=_typed(raw, "num_samples", int, 1 if search == "grid" else 8, where),
+        max_concurrent=_typed(raw, "max_concurrent", int, None, where),
+        cpu=float(_typed(resources, "cpu", (int, float), 1, f"{where}: resources_per_trial")),
+        gpu=float(_typed(resources, "gpu", (int, float), 0, f"{where}: resources_per_trial")),
+        max_failures=_typed(raw, "max_failures", int, 1, where),
+        metric=_one_of(raw, "metric", VAL_METRICS, "val_srcc", where),
+        mode=_one_of(raw, "mode", ("max", "min"), "max", where),
+        storage_path=str(_typed(raw, "storage_path", (str, os.PathLike), "sweeps", where)),
+        name=_typed(raw, "name", str, "sweep", where))
+    if sweep.num_samples < 1 or (sweep.max_concurrent or 1) < 1 or sweep.cpu <= 0:
+        raise ConfigError(f"{where}: num_samples, max_concurrent and resources_per_trial.cpu must be positive")
+    return sweep
+
+
+def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Sweep:
+    """The sweep in a YAML file, with command-line ``overrides`` of its top-level keys."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such sweep file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if isinstance(raw, dict):
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_sweep(raw, where=str(path))
+
+
+# ---------------------------------------------------------------- search space and Tuner
+
+
+def grid_points(spec: dict[str, Any]) -> list[Any]:
+    low, high, num = spec["low"], spec["high"], spec["num"]
+    if spec["type"] == "loguniform":
+        return [float(v) for v in np.geomspace(low, high, num)]
+    if spec["type"] == "randint":
+        return sorted({int(round(v)) for v in np.linspace(low, high, num)})
+    return [float(v) for v in np.linspace(low, high, num)]
+
+
+def domain(spec: dict[str, Any], grid: bool) -> Any:
+    """A Ray Tune search domain; ranges are inclusive (randint too)."""
+    kind = spec["type"]
+    if kind == "grid" or (grid and kind == "choice"):
+        return tune.grid_search(spec["values"])
+    if grid:
+        return tune.grid_search(grid_points(spec))
+    if kind == "choice":
+        return tune.choice(spec["values"])
+    if kind == "randint":
+        return tune.randint(spec["low"], spec["high"] + 1)
+    return (tune.loguniform if kind == "loguniform" else tune.uniform)(spec["low"], spec["high"])
+
+
+def make_scheduler(sweep: Sweep) -> tune.schedulers.TrialScheduler:
+    spec = {k: v for k, v in sweep.scheduler.items() if k != "type"}
+    if sweep.scheduler["type"] == "asha":
+        # Time is the trainer's epoch, which a resumed trial keeps counting. A trial that
+        # survives every rung ends by itself, so that its run still tests its best weights.
+        return tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=sweep.base.epochs,
+                                             stop_last_trials=False, **spec)
+    if sweep.scheduler["type"] == "pbt":
+        mutations = {k: (s["values"] if "values" in s else domain(s, grid=False)) for k, s in sweep.space.items()}
+        return tune.schedulers.PopulationBasedTraining(time_attr="epoch", hyperparam_mutations=mutations, **spec)
+    return tune.schedulers.FIFOScheduler()
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"  # short: Ray's default repeats every parameter
+
+
+def trainable(sweep: Sweep) -> Any:
+    fn = tune.with_parameters(run_trial, base=to_dict(sweep.base), experiment_dir=str(sweep.experiment_dir))
+    return tune.with_resources(fn, {"cpu": sweep.cpu, "gpu": sweep.gpu})
+
+
+def make_tuner(sweep: Sweep, resume: bool, callbacks: Sequence[tune.Callback] = ()) -> tune.Tuner:
+    path = sweep.experiment_dir
+    if resume:
+        return tune.Tuner.restore(str(path), trainable(sweep), resume_errored=True)
+    pbt = sweep.scheduler["type"] == "pbt"
+    return tune.Tuner(
+        trainable(sweep),
+        param_space={k: domain(s, grid=sweep.search == "grid") for k, s in sweep.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, scheduler=make_scheduler(sweep),
+            num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
+            reuse_actors=True,  # saves a process start and the torch/timm imports per trial
+            trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=sweep.name, storage_path=str(path.parent), callbacks=list(callbacks), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            # A full training state can be GBs: keep the latest. Not with PBT: a trial that
+            # clones another's checkpoint would later delete it from under its owner.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1)))
+
+
+@contextmanager
+def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """Connect to ``address`` or start a private local Ray; a Ray already started is used as is."""
+    if ray.is_initialized():
+        yield
+        return
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    temp = None
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+    else:
+        # short: Ray's unix socket paths under it must stay within 107 bytes
+        temp = Path(f"/tmp/ray-{os.getuid()}-{os.getpid()}")
+        os.environ["RAY_TMPDIR"] = str(temp)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp))
+    try:
+        yield
+    finally:
+        ray.shutdown()  # never `ray stop`: it stops every Ray on the machine
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def local_cpus(sweep: Sweep) -> int:
+    """A local Ray's size: the concurrent trials' CPUs, else the machine."""
+    if sweep.max_concurrent:
+        return math.ceil(sweep.cpu * sweep.max_concurrent)
+    return max(os.cpu_count() or 1, math.ceil(sweep.cpu))
+
+
+# ---------------------------------------------------------------- one trial (on a Ray worker)
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps its state in class-level singletons; a reused worker runs several trials."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def limit_threads(cpus: float) -> None:
+    import torch
+
+    n = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(n)  # data-loader workers inherit it
+    torch.set_num_threads(n)
+
+
+def append_row(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def report_epoch(log: Path, epoch: int, row: dict[str, float], checkpoint_dir: Path) -> None:
+    """Log the epoch to the trial's own epochs.csv, then report it with its checkpoint to Tune.
+
+    The log is what the trial computed, restarts included; Tune's progress.csv and
+    result.json can lose rows when a trial restarts (it copies them back from storage). The
+    run's best weights travel in the checkpoint (as best/), so that a trial restarted
+    elsewhere or cloned by PBT still has the weights it selected."""
+    append_row(log, row)
+    stage = checkpoint_dir.parent / ".tune-report"  # hard links: no copy of the weights
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, stage, copy_function=os.link)
+    best = checkpoint_dir.parent / "best"
+    if best.is_dir():
+        shutil.copytree(best, stage / "best", copy_function=os.link)
+    try:
+        tune.report(dict(row), checkpoint=tune.Checkpoint.from_directory(str(stage)))
+    finally:  # report() has copied it to the trial's storage by now
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def restore_best(checkpoint: Path, run_dir: Path) -> None:
+    best = run_dir / "checkpoints" / "best"
+    if (checkpoint / "best").is_dir():
+        shutil.rmtree(best, ignore_errors=True)
+        shutil.copytree(checkpoint / "best", best)
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], experiment_dir: str) -> None:
+    """One trial: a training run in <trial dir>/run, continued from Tune's checkpoint if any."""
+    from .train import train
+
+    context = tune.get_context()
+    run_dir = Path(experiment_dir) / Path(context.get_trial_dir()).name / "run"
+    cfg = replace(from_dict(params, from_dict(base)), run_dir=str(run_dir), resume=None)
+    limit_threads(context.get_trial_resources().required_resources.get("CPU", 1))
+    reset_accelerate()
+    report = partial(report_epoch, run_dir.parent / EPOCH_LOG)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        train(cfg, callbacks=[report])
+        return
+    with checkpoint.as_directory() as path:
+        restore_best(Path(path), run_dir)
+        train(replace(cfg, resume=str(path)), callbacks=[report])
+
+
+# ---------------------------------------------------------------- results
+
+
+def history(result: tune.Result) -> pd.DataFrame:
+    """The epochs a trial trained, in order (restarts included: they cost compute too)."""
+    path = Path(result.path) / EPOCH_LOG
+    if not path.exists():
+        return pd.DataFrame(columns=["epoch", *VAL_METRICS, "time_s"])
+    return pd.read_csv(path)
+
+
+def trial_table(grid: tune.ResultGrid, params: Sequence[str], metric: str = "val_srcc",
+                mode: str = "max") -> pd.DataFrame:
+    """One row per trial: status, searched values, best validation metric and compute used."""
+    trials = grid._experiment_analysis.trials  # per-trial status is only kept there
+    rows = []
+    for trial, result in zip(trials, grid):
+        hist = history(result)
+        scores = hist[metric] if metric in hist else pd.Series(dtype=float)
+        best = (scores.idxmax() if mode == "max" else scores.idxmin()) if scores.notna().any() else None
+        rows.append({
+            "trial_id": trial.trial_id, "status": trial.status,
+            **{key: trial.config.get(key) for key in params},
+            f"best_{metric}": float(scores[best]) if best is not None else math.nan,
+            "best_epoch": int(hist["epoch"][best]) if best is not None else 0,
+            "epochs_run": int(hist["epoch"].max()) if len(hist) else 0,
+            "compute_epochs": len(hist),
+            "compute_s": float(hist["time_s"].sum()) if len(hist) else 0.0,
+            "failures": trial.run_metadata.num_failures,
+            "error": str(result.error).strip().splitlines()[-1] if result.error else "",
+            "run_dir": str(Path(result.path) / "run"),
+        })
+    return pd.DataFrame(rows)
+
+
+def best_config(table: pd.DataFrame, sweep: Sweep) -> Config | None:
+    """The base config with the best trial's values: what to train for real."""
+    column = f"best_{sweep.metric}"
+    scored = table[table[column].notna()]
+    if scored.empty:
+        return None
+    row = scored.loc[scored[column].idxmax() if sweep.mode == "max" else scored[column].idxmin()]
+    values = {key: row[key].item() if hasattr(row[key], "item") else row[key] for key in sweep.space}
+    return replace(from_dict(values, sweep.base), run_dir=None, resume=None)
+
+
+def plot_sweep(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: Sweep, path: Path) -> None:
+    """Validation metric against each searched value, and every trial's learning curve."""
+    from .plots import plt
+
+    column = f"best_{sweep.metric}"
+    keys = list(sweep.space)
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        x = table[key]
+        if not pd.api.types.is_numeric_dtype(x):
+            x = x.astype(str)  # categorical axis
+        ax.scatter(x, table[column], s=18)
+        if sweep.space[key]["type"] == "loguniform":
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel=column)
+    ax = axes[0][-1]
+    for trial_id, hist in histories.items():
+        if len(hist) and sweep.metric in hist:
+            ax.plot(hist["epoch"], hist[sweep.metric], marker=".", alpha=0.7, label=trial_id)
+    ax.set(xlabel="epoch", ylabel=sweep.metric, title="learning curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(grid: tune.ResultGrid, sweep: Sweep) -> pd.DataFrame:
+    out = sweep.experiment_dir
+    table = trial_table(grid, list(sweep.space), sweep.metric, sweep.mode)
+    table.to_parquet(out / "results.parquet", index=False)
+    table.to_csv(out / "results.csv", index=False)
+    best = best_config(table, sweep)
+    if best is not None:
+        save_yaml(best, out / "best_config.yaml")
+    histories = {trial.trial_id: history(result) for trial, result in zip(grid._experiment_analysis.trials, grid)}
+    plot_sweep(table, histories, sweep, out / "sweep.png")
+    return table
+
+
+def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resume: bool = False,
+              callbacks: Sequence[tune.Callback] = ()) -> pd.DataFrame:
+    """Run (or ``resume``) a sweep on a Ray cluster; returns the per-trial table, also written
+    with best_config.yaml and sweep.png under ``<storage_path>/<name>``."""
+    if isinstance(sweep, dict):
+        sweep = parse_sweep(sweep)
+    if resume and not tune.Tuner.can_restore(str(sweep.experiment_dir)):
+        raise ConfigError(f"{sweep.experiment_dir}: no sweep to resume there (check storage_path and name)")
+    with ray_cluster(address, local_cpus(sweep)):
+        grid = make_tuner(sweep, resume, callbacks).fit()
+        return write_outputs(grid, sweep)
+
+
+def summary(table: pd.DataFrame, sweep: Sweep) -> str:
+    column = f"best_{sweep.metric}"
+    keep = ["trial_id", "status", *sweep.space, column, "best_epoch", "compute_epochs", "compute_s"]
+    shown = table[keep].sort_values(column, ascending=sweep.mode == "min", na_position="last")
+    total = (f"{len(table)} trials, {table['compute_epochs'].sum()} epochs, "
+             f"{table['compute_s'].sum():.0f} s of training")
+    return f"{shown.to_string(index=False, float_format=lambda v: f'{v:.4g}')}\n{total}\n" \
+           f"results in {sweep.experiment_dir}"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", required=True, help="sweep YAML (see the module docstring)")
+    parser.add_argument("--address", help="'auto' or HOST:PORT of a running Ray cluster "
+                        "(default: a private local Ray sized by resources_per_trial x max_concurrent)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep <storage_path>/<name> with its saved settings")
+    parser.add_argument("--num_samples", type=int)
+    parser.add_argument("--max_concurrent", type=int)
+    parser.add_argument("--storage_path")
+    parser.add_argument("--name")
+    args = parser.parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ("num_samples", "max_concurrent", "storage_path", "name")}
+    # SLURM and others stop jobs with SIGTERM: let Tune save its state as on Ctrl-C
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        sweep = load_sweep(args.config, overrides)
+        table = run_sweep(sweep, address=args.address, resume=args.resume)
+    except (ConfigError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(summary(table, sweep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Ray Tune sweeps: ASHA, retries from a checkpoint, resuming a killed sweep, clear YAML errors.
+
+One local Ray (2 CPUs) serves the whole module; trials are micro runs of a few seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+from ray import tune as ray_tune
+
+from iqa_dist import tune
+from iqa_dist.config import ConfigError, load_yaml
+
+REPO = Path(__file__).parents[1]
+SEARCHED = ["dropout_rate", "drop_path_rate", "lr", "ranking_loss_alpha"]
+
+
+def micro(shards: Path, **extra) -> dict:
+    return {"dataset": str(shards), "model_size": "micro", "batch_size": 4, "train_patch_num": 2,
+            "test_patch_num": 1, "max_steps_per_epoch": 2, "epochs": 2, "workers": 0, "plots": False,
+            "spaq": False, "shuffle_buffer": 16, **extra}  # a small buffer: fills from 12 images, not 1000s
+
+
+def sweep_dict(shards: Path, storage: Path, **extra) -> dict:
+    return {"overrides": micro(shards), "num_samples": 4, "max_concurrent": 2,
+            "resources_per_trial": {"cpu": 1}, "storage_path": str(storage), "name": "s", **extra}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    with tune.ray_cluster(num_cpus=2):
+        yield
+
+
+def test_asha_sweep_writes_tables_and_a_trainable_best_config(small_shards, tmp_path, local_ray):
+    sweep = sweep_dict(small_shards, tmp_path,
+                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    table = tune.run_sweep(sweep)
+    out = tmp_path / "s"
+    for saved in (pd.read_csv(out / "results.csv"), pd.read_parquet(out / "results.parquet")):
+        assert len(saved) == 4 and set(saved["status"]) == {"TERMINATED"}
+        assert {"trial_id", *SEARCHED, "best_val_srcc", "epochs_run", "compute_s", "compute_epochs"} <= set(saved)
+    assert table["epochs_run"].between(1, 2).all() and (table["compute_s"] > 0).all()
+    best = table.loc[table["best_val_srcc"].idxmax()]
+    cfg = load_yaml(out / "best_config.yaml")  # as `python -m iqa_dist.train --config` reads it
+    assert [getattr(cfg, k) for k in SEARCHED] == [best[k] for k in SEARCHED]
+    assert (cfg.run_dir, cfg.resume, cfg.model_size, cfg.epochs) == (None, None, "micro", 2)
+    assert (out / "sweep.png").stat().st_size > 0
+    assert (Path(best["run_dir"]) / "checkpoints" / "best" / "model.safetensors").exists()
+
+
+class KillFirstTrialOnce(ray_tune.Callback):
+    """Kills a trial's process once Tune holds its first checkpoint, as a lost node or the
+    OOM killer would."""
+
+    def __init__(self) -> None:
+        self.killed: list[str] = []
+
+    def on_trial_save(self, iteration, trials, trial, **info):
+        if not self.killed:
+            self.killed.append(trial.trial_id)
+            ray.kill(trial.temporary_state.ray_actor)
+
+
+def test_a_failed_trial_is_retried_from_its_checkpoint(small_shards, tmp_path, local_ray):
+    killer = KillFirstTrialOnce()
+    sweep = sweep_dict(small_shards, tmp_path, num_samples=1, scheduler="none", max_failures=1,
+                       overrides=micro(small_shards, epochs=3))
+    table = tune.run_sweep(sweep, callbacks=[killer])
+    row = table.iloc[0]
+    assert killer.killed == [row["trial_id"]]
+    assert (row["status"], row["failures"], row["epochs_run"]) == ("TERMINATED", 1, 3)
+    assert row["compute_epochs"] == 3  # epoch 1 came from the checkpoint, not trained again
+    results = json.loads((Path(row["run_dir"]) / "results.json").read_text())
+    assert results["epochs_run"] == 3
+
+
+def finished_trials(experiment: Path) -> int:
+    """TERMINATED trials in Tune's saved experiment state (what a resume starts from)."""
+    states = list(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return 0
+    try:
+        data = json.loads(states[0].read_text())
+    except json.JSONDecodeError:  # caught while being replaced
+        return 0
+    return sum(json.loads(t[0])["status"] == "TERMINATED" for t in data["trial_data"])
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(small_shards, tmp_path, local_ray):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path, num_samples=3, max_concurrent=1,
+                                              scheduler="none", overrides=micro(small_shards, epochs=3))))
+    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.tune", "--config", str(path)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    experiment = tmp_path / "s"
+    try:
+        end = time.time() + 300
+        while finished_trials(experiment) < 1:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < end, "no trial finished in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+        proc.wait()
+        shutil.rmtree(f"/tmp/ray-{os.getuid()}-{proc.pid}", ignore_errors=True)  # its Ray temp dir
+    done = {p.parent.parent.name: p.stat().st_mtime_ns for p in experiment.glob("trial_*/run/results.json")}
+    assert done
+
+    assert tune.main(["--config", str(path), "--resume"]) == 0
+    table = pd.read_csv(experiment / "results.csv")
+    assert len(table) == 3 and set(table["status"]) == {"TERMINATED"}
+    assert (table["epochs_run"] == 3).all()
+    for trial, mtime in done.items():  # finished before the kill: not run again
+        assert (experiment / trial / "run" / "results.json").stat().st_mtime_ns == mtime
+        assert table.set_index("trial_id").loc[trial.removeprefix("trial_"), "compute_epochs"] == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"dropout": {"type": "uniform", "low": 0, "high": 1}}},
+     "space.dropout: unknown Config key (did you mean 'dropout_rate'?)"),
+    ({"space": {"lr": {"type": "normal", "low": 0, "high": 1}}}, "space.lr: expected {type: loguniform|"),
+    ({"space": {"epochs": {"type": "uniform", "low": 1, "high": 4}}}, "space.epochs: epochs: expected int"),
+    ({"space": {"lr": {"type": "loguniform", "low": 0.0, "high": 1e-4}}}, "space.lr: needs 0 < low < high"),
+    ({"schedulr": "asha"}, "unknown key 'schedulr' (did you mean 'scheduler'?)"),
+    ({"scheduler": {"type": "asha", "grace": 2}},
+     "scheduler.grace: not an option of asha (options: grace_period, reduction_factor)"),
+    ({"search": "grid"}, "space.dropout_rate: search grid needs num"),
+    ({"metric": "test_srcc"}, "metric: 'test_srcc' is not one of val_srcc"),
+    ({"overrides": {"epocs": 3}}, "overrides: unknown key 'epocs' (did you mean 'epochs'?)"),
+])
+def test_a_bad_sweep_file_names_the_file_and_the_key(tmp_path, change, message, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"overrides": {"model_size": "micro"}, **change}))
+    with pytest.raises(ConfigError) as err:
+        tune.load_sweep(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert tune.main(["--config", str(path)]) == 1
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_grid_search_enumerates_every_axis(small_shards, tmp_path):
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, search="grid", space={
+        "lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3, "num": 3},
+        "ranking_loss_alpha": {"type": "choice", "values": [0.0, 1.0]}}))
+    lr = tune.domain(sweep.space["lr"], grid=True)
+    assert lr == {"grid_search": pytest.approx([1e-5, 1e-4, 1e-3])}
+    assert tune.domain(sweep.space["ranking_loss_alpha"], grid=True) == {"grid_search": [0.0, 1.0]}
+    assert Path(sweep.base.dataset).is_absolute()
