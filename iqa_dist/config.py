@@ -63,6 +63,7 @@ class Config:
     test_random_crop: bool = False  # seeded random crops at evaluation instead of a grid
     patch_size: int = 224
     workers: int = 2  # data loader processes per rank
+    threads: int = 0  # torch threads per rank (0: torch's default); 1 avoids oversubscribed CPUs
     shuffle_buffer: int = 2000  # patches mixed across images before batching
     split_round: int = 0  # which seeded split of the manifest to use
     rounds: int = 1  # train this many seeded splits and report median and spread

@@ -90,6 +90,8 @@ def shards_path(cfg: Config, dataset: str | None = None) -> Path:
 
 
 def set_determinism(cfg: Config) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)  # same initial weights on every rank
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

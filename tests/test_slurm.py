@@ -43,3 +43,21 @@ def test_train_sh_two_ranks_preempted_requeued_same_weights(small_shards, tmp_pa
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_run"] == 3
     assert_identical(final_weights(run_dir), final_weights(whole))
+
+
+def test_sweep_sh_runs_four_trials_and_writes_the_best_config(small_shards, tmp_path):
+    from test_tune import sweep_dict
+
+    from iqa_dist.config import load_yaml
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path / "sweeps")))
+    log = tmp_path / "sweep.out"
+    job = slurm.submit(["-c", "2", "--mem=6G", "-o", str(log), "slurm/sweep.sh"],
+                       env={"IQA_SWEEP_CONFIG": str(sweep), "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert slurm.wait(job, timeout=900) == ("COMPLETED", 0), slurm.output(log)
+    out = tmp_path / "sweeps" / "s"
+    table = (out / "results.csv").read_text().splitlines()
+    assert len(table) == 5 and table[1:] and all("TERMINATED" in row for row in table[1:])
+    assert load_yaml(out / "best_config.yaml").model_size == "micro"
+    assert not Path(f"/tmp/ray-{job}").exists()
