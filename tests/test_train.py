@@ -182,3 +182,24 @@ def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert sorted(p.name for p in (run_dir / "preempted").iterdir()) == ["rank-0.json", "rank-1.json"]
     assert err.count("exitcode  : 99") == 2 or proc.returncode == EXIT_PREEMPTED, err[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_and_accumulation_with_the_same_global_batch(tmp_path):
+    """DDP averages gradients: 2 ranks x 4 patches, 1 rank x 8, and 1 rank x 4 x 2
+    accumulation steps must end with the same weights (L1 only: the ranking loss's pairs
+    do not cross ranks, by design)."""
+    script = str(REPO / "tests" / "ddp_step.py")
+    one = run([sys.executable, script, str(tmp_path / "one.safetensors"), "8", "1"])
+    two = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", "29571", script,
+               str(tmp_path / "two.safetensors"), "8", "1"])
+    acc = run([sys.executable, script, str(tmp_path / "acc.safetensors"), "8", "2"])
+    for out in (one, two, acc):
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2" in two.stdout and "world 1" in one.stdout
+    reference = load_file(str(tmp_path / "one.safetensors"))
+    for other in ("two", "acc"):
+        weights = load_file(str(tmp_path / f"{other}.safetensors"))
+        worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
+        assert worst < 1e-5, f"{other}: max difference {worst}"
