@@ -280,6 +280,10 @@ class Trainer:
         row = {"epoch": st.epoch + 1, "train_loss": train_loss, "val_srcc": val["srcc"],
                "val_plcc": val["plcc"], "val_krcc": val["krcc"], "val_rmse": val["rmse"],
                "lr": self.scheduler.get_last_lr()[0], "time_s": epoch_time}
+        lowest = min((h["train_loss"] for h in st.history), default=math.inf)
+        if train_loss > 3 * lowest:
+            self.log(f"warning: train loss {train_loss:.4g} is over 3x its lowest epoch ({lowest:.4g}): "
+                     "diverging? try a lower --lr or --grad_clip")
         st.history.append(row)
         self.write_epoch(row)
         self.log(f"epoch {st.epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val SRCC {val['srcc']:.4f} "
