@@ -37,10 +37,11 @@ def test_zero2_trains_checkpoints_and_resumes(small_shards, tmp_path):
     last = run_dir / "checkpoints" / "last"
     assert (last / "pytorch_model").is_dir()  # DeepSpeed's own sharded checkpoint, not DDP's
     assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
+    steps = json.loads((last / "trainer.json").read_text())["global_step"]
 
     second = zero2(args + ["--epochs", "2", "--resume", "latest"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at epoch 2" in second.stdout
     state = json.loads((run_dir / "checkpoints" / "last" / "trainer.json").read_text())
-    assert state["epoch"] == 2 and state["global_step"] == 8
+    assert state["epoch"] == 2 and state["global_step"] == 2 * steps > 0
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()

@@ -16,4 +16,3 @@ def test_demo_config_learns_quickly(demo_shards, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test"]["srcc"] > 0.25, results["test"]
-    assert results["best_val_srcc"] > 0.25
