@@ -24,7 +24,8 @@ REFERENCE_PARAMS = {
     "resnet50": {"single": 27.4},
 }
 CHANNELS = {"micro": (32, 64, 128, 256), "tiny": (96, 192, 384, 768), "small": (96, 192, 384, 768),
-            "base": (128, 256, 512, 1024), "resnet50": (256, 512, 1024, 2048)}
+            "base": (128, 256, 512, 1024), "resnet50": (256, 512, 1024, 2048),
+            "mobilenet": (16, 24, 48, 576)}
 STRIDES = (4, 8, 16, 32)
 
 
@@ -41,7 +42,7 @@ def test_sizes_table_is_complete() -> None:
     assert set(MODEL_SIZES) == set(CHANNELS)
 
 
-@pytest.mark.parametrize("size", ["micro", "tiny", "resnet50"])
+@pytest.mark.parametrize("size", ["micro", "tiny", "resnet50", "mobilenet"])
 def test_backbone_maps_are_nchw(size: str) -> None:
     model = create_model(size).eval()
     with torch.no_grad():
