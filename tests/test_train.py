@@ -74,6 +74,14 @@ def epochs_done(run_dir: Path) -> int:
     return json.loads(last.read_text())["epoch"] if last.exists() else 0
 
 
+def start_past_first_epoch(cmd: list[str], run_dir: Path) -> subprocess.Popen:
+    """A training process, returned once its first epoch's checkpoint is written."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    wait_for(lambda: epochs_done(run_dir) >= 1, proc)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(small_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("whole") / "run"
@@ -102,24 +110,20 @@ def test_run_directory_holds_what_users_need(uninterrupted):
 def test_killed_run_resumes_bit_identical(small_shards, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     args = machinery_args(small_shards, run_dir)
-    proc = subprocess.Popen(train_cmd(args), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
-    wait_for(lambda: epochs_done(run_dir) >= 1, proc)
+    proc = start_past_first_epoch(train_cmd(args), run_dir)
     proc.kill()  # SIGKILL: no chance to save anything
     proc.wait()
     out = run(train_cmd(args + ["--resume", "latest"]))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout
     assert_identical(final_weights(run_dir), final_weights(uninterrupted))
-    assert (run_dir / "summary.csv").read_text() .count("\n") == 4  # header + 3 epochs, none twice
+    assert (run_dir / "summary.csv").read_text().count("\n") == 4  # header + 3 epochs, none twice
 
 
 def test_sigusr1_saves_mid_epoch_and_resume_is_bit_identical(small_shards, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     args = machinery_args(small_shards, run_dir)
-    proc = subprocess.Popen(train_cmd(args), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
-    wait_for(lambda: epochs_done(run_dir) >= 1, proc)
+    proc = start_past_first_epoch(train_cmd(args), run_dir)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
@@ -171,9 +175,7 @@ def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
     # SIGUSR1 to one rank only: both agree, save, and leave with the preemption code
     run_dir = tmp_path / "ddp-stop"
     args = machinery_args(small_shards, run_dir, "--epochs", "3")
-    proc = subprocess.Popen(accelerate_cmd(args, port=29532), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
-    wait_for(lambda: epochs_done(run_dir) >= 1, proc)
+    proc = start_past_first_epoch(accelerate_cmd(args, port=29532), run_dir)
     import psutil
     # the launcher's own children: the ranks (their data loader workers are grandchildren)
     ranks = [p for p in psutil.Process(proc.pid).children()
