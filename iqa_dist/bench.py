@@ -66,9 +66,7 @@ def sample_split(shards: Path, n: int) -> tuple[Split, list[dict]]:
     rows = sorted(read_manifest(shards), key=lambda r: (r["shard"], r["key"]))[:n]
     if not rows:
         raise ConfigError(f"{shards}: no images")
-    split = Split(Path(shards), "bench", frozenset(r["key"] for r in rows),
-                  tuple(Path(shards) / s for s in sorted({r["shard"] for r in rows})))
-    return split, rows
+    return Split.from_rows(Path(shards), "bench", rows), rows
 
 
 def stored_images(split: Split) -> Iterator[tuple[str, str, bytes]]:
@@ -153,7 +151,7 @@ def decode_once_bound(split: Split, patch_num: int, batch_size: int, parallel: i
         for _ in range(batch_size):
             y, x = rng.integers(0, max(1, h - PATCH + 1)), rng.integers(0, max(1, w - PATCH + 1))
             patch = arr[y:y + PATCH, x:x + PATCH]
-            items.append((patch[:, ::-1] if rng.random() < 0.5 else patch, 0.0))
+            items.append((patch[:, ::-1] if rng.random() < 0.5 else patch, 0.0, ""))
         _collate(items)  # the stream's own stacking and normalisation
         crop.append((time.perf_counter() - start) / batch_size)
     per_patch = float(np.mean(decode)) / patch_num + float(np.mean(crop))

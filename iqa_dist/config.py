@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 import types
@@ -40,8 +41,10 @@ class Config:
     ranking_loss_margin: float = 0.1
     # -- optimisation
     epochs: int = 10
-    batch_size: int = 96  # patches per optimiser step, across all ranks
-    lr: float = 1e-5  # backbone and LDA taps
+    batch_size: int = 96  # patches per step on each process (as in timm and open_clip)
+    global_batch_size: int = 0  # patches per optimiser step over all processes; overrides batch_size
+    lr: float = 1e-5  # backbone and LDA taps, for the global batch it was tuned at (see for_world)
+    lr_scale: str = "none"  # none | linear | sqrt: how lr follows a global batch grown by processes
     lr_ratio: float = 10.0  # hyper network lr = lr * lr_ratio
     weight_decay: float = 1e-4
     lr_scheduler: str = "cosine"  # cosine | step | none
@@ -85,6 +88,7 @@ _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
 _CHOICES = {
     "model_size": ("tiny", "small", "base", "resnet50", "micro", "mobilenet"),
     "lr_scheduler": ("cosine", "step", "none"),
+    "lr_scale": ("none", "linear", "sqrt"),
     "mixed_precision": ("no", "bf16", "fp16"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -164,6 +168,25 @@ def load_yaml(path: str | os.PathLike, base: Config | None = None) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
     return from_dict(values, base, where=str(path))
+
+
+def for_world(cfg: Config, world: int) -> Config:
+    """The config as each of ``world`` processes runs it: per-process batch and lr.
+
+    With ``global_batch_size`` the recipe is fixed whatever the number of processes:
+    each takes ``global / (world x grad_accum)`` patches a step at the configured lr.
+    Without it, ``batch_size`` is per process, so the global batch grows with the
+    processes (and accumulation), and ``lr_scale`` says how lr follows:
+    ``linear`` (x the growth), ``sqrt`` or ``none``.
+    """
+    shares = world * cfg.grad_accum
+    if cfg.global_batch_size:
+        if cfg.global_batch_size % shares:
+            raise ConfigError(f"global_batch_size {cfg.global_batch_size} does not divide among {world} "
+                              f"process(es) x {cfg.grad_accum} accumulation step(s)")
+        return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // shares)
+    factor = {"none": 1.0, "linear": float(shares), "sqrt": math.sqrt(shares)}[cfg.lr_scale]
+    return dataclasses.replace(cfg, global_batch_size=cfg.batch_size * shares, lr=cfg.lr * factor)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -8,8 +8,9 @@ format's extension, plus ``json`` with label and ids), ``manifest.parquet`` (one
 image, with ``split_<r>`` columns for each seeded split round), ``_info.json`` (counts
 and shard lengths per split), ``card.json``/``card.md`` and ``pack_report.json``.
 
-Shards hold every image once; splits live in the manifest, so N split rounds cost no
-extra storage. Each shard is written under a temporary name and renamed when complete,
+Shards hold every image once, in a seeded random order (so that a stretch of a shard is
+a fair sample of the set, not one reference's distortions); splits live in the manifest,
+so N split rounds cost no extra storage. Each shard is written under a temporary name and renamed when complete,
 with its rows beside it: a re-run skips finished shards and continues.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ class PackOptions:
     lossy_quality: int = 0  # >0: store resized/converted images as JPEG of this quality
     shard_size: int = 500  # images per shard
     seed: int = 0
+    shuffle: bool = True  # images in a seeded random order, so shards are not runs of one reference
     rounds: int = 10  # seeded split rounds (the original protocol reports 10)
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)
 
@@ -302,6 +304,8 @@ def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, worke
     records, skipped = reader.read(root)
     if not records:
         raise LayoutError(f"{root}: no labelled images found")
+    if options.shuffle:  # readers list synthetic sets reference by reference
+        records = [records[i] for i in np.random.default_rng(options.seed).permutation(len(records))]
     rows, bad = write_shards(records, out, dataset, options, workers, part or (0, 1))
     skipped += bad
     report = {"dataset": dataset, "root": str(root), "packed": len(rows),
@@ -359,7 +363,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="store resized or converted images as JPEG of this quality (default: PNG)")
     p.add_argument("--shard_size", type=int, default=500, help="images per shard")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits (and of the demo set)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the image order in the shards, of the splits and of the demo set")
+    p.add_argument("--no_shuffle", action="store_true",
+                   help="keep the reader's image order in the shards (default: a seeded shuffle)")
     p.add_argument("--rounds", type=int, default=10, help="seeded split rounds in the manifest")
     p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2),
                    metavar=("TRAIN", "VAL", "TEST"), help="fractions of split units")
@@ -374,7 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = PackOptions(resize=args.resize, lossy_quality=args.lossy_quality,
-                          shard_size=args.shard_size, seed=args.seed, rounds=args.rounds,
+                          shard_size=args.shard_size, seed=args.seed, shuffle=not args.no_shuffle,
+                          rounds=args.rounds,
                           split=tuple(args.split))
     try:
         if args.merge:

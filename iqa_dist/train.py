@@ -32,7 +32,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, parse_config, save_yaml
+from .config import Config, ConfigError, for_world, parse_config, save_yaml
 from .data.stream import Split, load_split, steps_per_epoch, train_loader
 from .evaluate import card_of, predict_split, same_direction, split_metrics
 from .losses import iqa_loss
@@ -66,9 +66,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
                               gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # we prepare no data loader, so DeepSpeed's "auto" values need us
-        ds = plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        ds["train_batch_size"] = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+        ds, scaled = plugin.deepspeed_config, for_world(cfg, accelerator.num_processes)
+        ds["train_micro_batch_size_per_gpu"] = scaled.batch_size
+        ds["train_batch_size"] = scaled.global_batch_size
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = cfg.grad_clip
     return accelerator
@@ -127,13 +127,16 @@ class State:
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs without improvement, for early stopping
     loss_sum: float = 0.0  # of the current epoch, so a resumed epoch reports the same mean
+    finished: bool = False  # early-stopped: a resumed run goes straight to the final test
     history: list[dict] = field(default_factory=list)
 
 
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()) -> None:
-        self.cfg, self.callbacks = cfg, list(callbacks)
+        self.given, self.callbacks = cfg, list(callbacks)  # ``given`` is what config.yaml records
         self.accelerator = make_accelerator(cfg)
+        world = self.accelerator.num_processes
+        cfg = self.cfg = for_world(cfg, world)
         self.run_dir = resolve_run_dir(cfg, self.accelerator)
         set_determinism(cfg)
         self.shards = shards_path(cfg)
@@ -141,9 +144,13 @@ class Trainer:
         self.val_split = load_split(self.shards, "val", cfg.split_round)
         self.test_split = load_split(self.shards, "test", cfg.split_round)
         self.card = card_of(self.shards)
-        world = self.accelerator.num_processes
-        self.steps = steps_per_epoch(self.train_split, cfg.train_patch_num, cfg.batch_size, world)
+        self.steps = steps_per_epoch(len(self.train_split), cfg.train_patch_num, cfg.batch_size, world,
+                                     cfg.grad_accum)
+        self.epoch_steps = self.steps  # what an epoch is; ``steps`` what one runs (max_steps_per_epoch)
         if cfg.max_steps_per_epoch:
+            if cfg.max_steps_per_epoch % cfg.grad_accum:
+                raise ConfigError(f"max_steps_per_epoch {cfg.max_steps_per_epoch} is not a whole number "
+                                  f"of grad_accum {cfg.grad_accum} cycles")
             self.steps = min(self.steps, cfg.max_steps_per_epoch)
         model = model_from_config(cfg, pretrained=True)
         optimizer = build_optimizer(model, cfg)
@@ -152,7 +159,8 @@ class Trainer:
         self.loader = train_loader(self.train_split, patch_num=cfg.train_patch_num,
                                    patch_size=cfg.patch_size, batch_size=cfg.batch_size,
                                    seed=cfg.seed, rank=self.accelerator.process_index,
-                                   world=world, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer)
+                                   world=world, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer,
+                                   steps=self.epoch_steps)
         self.state = State()
         self.stop = StopFlag()
         self.writer = None
@@ -204,7 +212,7 @@ class Trainer:
             best = ckpt.checkpoints_dir(self.run_dir) / "best"
             ckpt.save_weights(weights, best / "model.safetensors",
                               metadata={"model_size": self.cfg.model_size})
-            save_yaml(self.cfg, best / "config.yaml")
+            save_yaml(self.given, best / "config.yaml")
             ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))
         self.accelerator.wait_for_everyone()
 
@@ -241,7 +249,7 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=st.step_in_epoch, disable=not self.main,
                    desc=f"epoch {st.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
         recent, start, seen = [], time.time(), 0
-        for images, labels in batches:
+        for images, labels, _ in batches:
             loss = self.train_step(images, labels)
             st.step_in_epoch += 1
             st.global_step += 1
@@ -252,7 +260,7 @@ class Trainer:
             if diverged:
                 raise Diverged(f"loss is {loss} at epoch {st.epoch + 1}, step {st.step_in_epoch}: "
                                f"stopped; the last good checkpoint is {self.run_dir}/checkpoints/last")
-            if stop:
+            if stop and st.step_in_epoch % cfg.grad_accum == 0:  # mid-cycle gradients would be lost
                 self.log(f"stop requested: saving at step {st.global_step}")
                 path = self.save()
                 ckpt.mark_preempted(self.run_dir, self.accelerator.process_index, path)
@@ -271,9 +279,13 @@ class Trainer:
         """Selection on validation, logging, checkpoint; True when early stopping says stop."""
         st, cfg = self.state, self.cfg
         val = self.validate()
-        improved = val["srcc"] > st.best_srcc
+        score = val["srcc"] if math.isfinite(val["srcc"]) else -math.inf
+        if score == -math.inf:
+            self.log(f"warning: val SRCC is {val['srcc']} (constant predictions, or fewer than two "
+                     f"distinct labels among {len(self.val_split)} val images)")
+        improved = st.best_epoch < 0 or score > st.best_srcc  # the first epoch always gives best weights
         if improved:
-            st.best_srcc, st.best_epoch, st.bad_epochs = val["srcc"], st.epoch, 0
+            st.best_srcc, st.best_epoch, st.bad_epochs = score, st.epoch, 0
             self.save_best({f"val_{k}": v for k, v in val.items()} | {"epoch": st.epoch + 1})
         else:
             st.bad_epochs += 1
@@ -290,10 +302,11 @@ class Trainer:
                  f"PLCC {val['plcc']:.4f}  {'(best)' if improved else ''} {epoch_time:.0f}s")
         st.epoch += 1
         st.step_in_epoch, st.loss_sum = 0, 0.0
+        st.finished = cfg.early_stopping and st.bad_epochs >= cfg.patience
         path = self.save()
         for callback in self.callbacks:
             callback(st.epoch, row, path)
-        return cfg.early_stopping and st.bad_epochs >= cfg.patience
+        return st.finished
 
     def write_epoch(self, row: dict) -> None:
         """summary.csv rewritten from the history (a resumed run never repeats a row), and TensorBoard."""
@@ -321,7 +334,7 @@ class Trainer:
         cfg = self.cfg
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(cfg, self.run_dir / "config.yaml")
+            save_yaml(self.given, self.run_dir / "config.yaml")
         self.accelerator.wait_for_everyone()
         resume = ckpt.resolve_resume(cfg.resume, self.run_dir)
         self.accelerator.wait_for_everyone()
@@ -330,9 +343,13 @@ class Trainer:
         if resume is not None:
             self.load(resume)
         self.log(f"run {self.run_dir}: {len(self.train_split)} train / {len(self.val_split)} val / "
-                 f"{len(self.test_split)} test images, {self.accelerator.num_processes} process(es), "
-                 f"{self.steps} steps per epoch")
-        while self.state.epoch < cfg.epochs:
+                 f"{len(self.test_split)} test images; {self.accelerator.num_processes} process(es) x "
+                 f"batch {cfg.batch_size} x {cfg.grad_accum} accumulation = global batch "
+                 f"{cfg.global_batch_size}, lr {cfg.lr:.3g}; {self.steps} of {self.epoch_steps} steps "
+                 f"per epoch")
+        if self.state.finished:
+            self.log("the run had already stopped early: testing its best weights")
+        while not self.state.finished and self.state.epoch < cfg.epochs:
             start = time.time()
             loss = self.train_epoch()
             if self.end_epoch(loss, time.time() - start):
@@ -348,7 +365,9 @@ class Trainer:
         self.accelerator.unwrap_model(self.model).load_state_dict(ckpt.load_weights(best))
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "best_epoch": self.state.best_epoch + 1,
                                    "best_val_srcc": self.state.best_srcc,
-                                   "epochs_run": self.state.epoch, "world_size": self.accelerator.num_processes}
+                                   "epochs_run": self.state.epoch, "world_size": self.accelerator.num_processes,
+                                   "batch_size_per_process": self.cfg.batch_size,
+                                   "global_batch_size": self.cfg.global_batch_size, "lr": self.cfg.lr}
         test_preds = predict_split(self.model, self.test_split, self.cfg, self.accelerator)
         results["test"] = split_metrics(test_preds)  # the model predicts this set's own labels
         for name in self.cross_sets():

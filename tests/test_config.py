@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from iqa_dist.config import Config, ConfigError, from_dict, load_yaml, parse_config, save_yaml
+from iqa_dist.config import Config, ConfigError, for_world, from_dict, load_yaml, parse_config, save_yaml
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -84,12 +84,36 @@ def test_shipped_configs_load(path):
 
 def test_seed_example_configs_match_the_original_commands():
     base, tiny = load_yaml(CONFIGS / "base.yaml"), load_yaml(CONFIGS / "tiny.yaml")
-    assert (base.model_size, base.batch_size, base.lr, base.dropout_rate, base.drop_path_rate) == \
+    assert (base.model_size, base.global_batch_size, base.lr, base.dropout_rate, base.drop_path_rate) == \
         ("base", 32, 5e-6, 0.4, 0.3)
-    assert (tiny.model_size, tiny.batch_size, tiny.lr, tiny.dropout_rate, tiny.drop_path_rate) == \
+    assert (tiny.model_size, tiny.global_batch_size, tiny.lr, tiny.dropout_rate, tiny.drop_path_rate) == \
         ("tiny", 96, 1e-5, 0.3, 0.2)
 
 
 def test_list_values_from_command_line():
     assert parse_config(["--cross_datasets", "spaq"]).cross_datasets == ["spaq"]
     assert parse_config(["--cross_datasets", "[spaq, livec]"]).cross_datasets == ["spaq", "livec"]
+
+
+def test_global_batch_is_divided_among_processes_at_the_same_lr():
+    cfg = from_dict({"global_batch_size": 32, "lr": 5e-6, "lr_scale": "linear"})
+    for world, per_process in ((1, 32), (2, 16), (8, 4)):
+        scaled = for_world(cfg, world)
+        assert (scaled.batch_size, scaled.global_batch_size, scaled.lr) == (per_process, 32, 5e-6)
+    assert for_world(from_dict({"global_batch_size": 32, "grad_accum": 2}), 4).batch_size == 4
+    with pytest.raises(ConfigError, match="global_batch_size 32 does not divide among 3 process"):
+        for_world(cfg, 3)
+
+
+@pytest.mark.parametrize("rule, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_per_process_batch_grows_the_global_batch_and_lr_follows_the_rule(rule, factor):
+    scaled = for_world(from_dict({"batch_size": 8, "lr": 1e-4, "lr_scale": rule}), 4)
+    assert (scaled.batch_size, scaled.global_batch_size) == (8, 32)
+    assert scaled.lr == pytest.approx(1e-4 * factor)
+
+
+@pytest.mark.parametrize("name, global_batch", [("base", 32), ("small", 64), ("tiny", 96)])
+def test_seed_configs_state_the_seeds_global_batch(name, global_batch):
+    cfg = load_yaml(CONFIGS / f"{name}.yaml")
+    assert for_world(cfg, 1).batch_size == global_batch
+    assert for_world(cfg, 8).global_batch_size == global_batch and for_world(cfg, 8).lr == cfg.lr

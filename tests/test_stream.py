@@ -4,41 +4,84 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from iqa_dist.config import ConfigError
 from iqa_dist.data import stream
-from iqa_dist.data.stream import (EvalPatches, TrainPatches, _samples, _virtual_shards, eval_loader,
-                                  grid_positions, load_split, steps_per_epoch, train_loader)
+from iqa_dist.pack import PackOptions, pack, read_manifest
+from iqa_dist.data.stream import (EvalPatches, TrainPatches, eval_loader, grid_positions, load_split,
+                                  steps_per_epoch, train_loader)
 
 
-def _keys_of_slot(split, slot, slots):
-    pieces = _virtual_shards(split.shards, slots)[slot::slots]
-    return [k for piece in pieces for k, _, _ in _samples(piece, split.keys)]
+def _epoch_counts(split, epoch, *, world, workers, patch_num, batch_size):
+    """Patches per image key that the real loaders of all ranks yield in one epoch."""
+    counts, batches = Counter(), []
+    for rank in range(world):
+        loader = train_loader(split, patch_num=patch_num, patch_size=32, batch_size=batch_size, seed=7,
+                              rank=rank, world=world, workers=workers, shuffle_buffer=6)
+        loader.dataset.set_epoch(epoch)
+        mine = list(loader)
+        batches.append(len(mine))
+        assert all(len(keys) == batch_size for _, _, keys in mine)
+        counts.update(k for _, _, keys in mine for k in keys)
+    return counts, batches
 
 
-@pytest.mark.parametrize("slots", [2, 4, 12])  # 12 > shards: shards are cut into pieces
-def test_readers_get_disjoint_samples_covering_the_split(small_shards, slots):
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_every_image_gives_patch_num_patches_every_epoch(small_shards, world, workers):
+    """The remainder rule: fewer than one global batch of extra patches tops up the last
+    batch, from images that change from epoch to epoch; nobody is short."""
     split = load_split(small_shards, "train")
-    assert len(split.shards) < 12
-    per_slot = [_keys_of_slot(split, s, slots) for s in range(slots)]
-    everything = [k for keys in per_slot for k in keys]
-    assert sorted(everything) == sorted(split.keys)  # each image exactly once
+    patch_num, batch_size = 3, 2
+    steps = steps_per_epoch(len(split), patch_num, batch_size, world)
+    extra = steps * batch_size * world - len(split) * patch_num
+    assert 0 <= extra < batch_size * world
+    topped_up = []
+    for epoch in range(3):
+        counts, batches = _epoch_counts(split, epoch, world=world, workers=workers,
+                                        patch_num=patch_num, batch_size=batch_size)
+        assert batches == [steps] * world  # every rank the same number of batches
+        assert set(counts) == split.keys
+        assert min(counts.values()) == patch_num
+        assert sum(counts.values()) - patch_num * len(split) == extra
+        topped_up.append({k for k, n in counts.items() if n > patch_num})
+    if extra:
+        assert len({frozenset(t) for t in topped_up}) > 1  # not the same images every epoch
 
 
-def test_two_ranks_two_workers_give_equal_batch_counts(small_shards):
-    split = load_split(small_shards, "train")
-    steps = steps_per_epoch(split, patch_num=4, batch_size=4, world=2)
-    counts = []
-    for rank in range(2):
-        loader = train_loader(split, patch_num=4, patch_size=224, batch_size=4, seed=1, rank=rank,
-                              world=2, workers=2, shuffle_buffer=8)
-        batches = [b for _, b in zip(range(steps + 3), loader)]  # more than an epoch: streams cycle
-        counts.append(len(batches))
-        assert all(x.shape == (4, 3, 224, 224) and y.shape == (4,) for x, y in batches)
-    assert counts == [steps + 3, steps + 3]
+def test_batches_mix_references_like_uniform_draws(tmp_path):
+    """A KADID-like set packed in reader order (one reference after another): each batch
+    still holds about as many references as a uniformly random batch would."""
+    refs, per_ref, patch_num, batch_size = 8, 30, 4, 8
+    root = make_tiny_set(tmp_path / "src", refs, per_ref)
+    out = tmp_path / "shards"
+    pack("csv", root, out, PackOptions(shard_size=60, rounds=1), workers=0)
+    split = load_split(out, "all")
+    ref_of = {r["key"]: r["ref"] for r in read_manifest(out)}
+    loader = train_loader(split, patch_num=patch_num, patch_size=32, batch_size=batch_size, seed=0,
+                          rank=0, world=1, workers=0, shuffle_buffer=40)
+    ours = np.mean([len({ref_of[k] for k in keys}) for _, _, keys in loader])
+    rng = np.random.default_rng(0)
+    patches = np.repeat(np.arange(refs), per_ref * patch_num)
+    uniform = np.mean([len(set(rng.choice(patches, batch_size, replace=False))) for _ in range(2000)])
+    assert abs(ours - uniform) <= 0.2 * uniform, (ours, uniform)
 
 
-def test_each_image_is_decoded_once_per_visit(small_shards, monkeypatch):
+def make_tiny_set(root, refs, per_ref):
+    """A csv layout of small images listed reference by reference, as synthetic sets come."""
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["name,mos,ref"]
+    for r in range(refs):
+        for d in range(per_ref):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img/r{r}_{d}.png")
+            lines.append(f"img/r{r}_{d}.png,{rng.uniform(0, 100):.3f},r{r}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_each_image_is_decoded_once_per_epoch(small_shards, monkeypatch):
     split = load_split(small_shards, "train")
     decoded = Counter()
     real = stream.open_rgb
@@ -48,13 +91,9 @@ def test_each_image_is_decoded_once_per_visit(small_shards, monkeypatch):
         return real(data, where)
 
     monkeypatch.setattr(stream, "open_rgb", counting)
-    patch_num = 6
-    ds = TrainPatches(split, patch_num, 224, batch_size=3, seed=0, rank=0, world=1, shuffle_buffer=3)
-    n_batches = len(split) * patch_num // 3 - 2  # less than one pass (the buffer holds some back)
-    for _ in zip(range(n_batches), iter(ds)):
-        pass
-    assert decoded and max(decoded.values()) == 1
-    assert sum(decoded.values()) <= len(split)
+    ds = TrainPatches(split, 6, 224, batch_size=4, seed=0, rank=0, world=1, shuffle_buffer=3)
+    assert sum(len(keys) for _, _, keys in ds) >= 6 * len(split)
+    assert len(decoded) == len(split) and set(decoded.values()) == {1}
 
 
 def test_epoch_replays_exactly_and_differs_across_epochs_and_ranks(small_shards):
@@ -73,7 +112,7 @@ def test_epoch_replays_exactly_and_differs_across_epochs_and_ranks(small_shards)
 
 def test_patches_are_normalised_and_flipped(small_shards):
     split = load_split(small_shards, "train")
-    x, _ = next(iter(TrainPatches(split, 8, 224, batch_size=16, seed=0, rank=0, world=1, shuffle_buffer=16)))
+    x, _, _ = next(iter(TrainPatches(split, 8, 224, batch_size=16, seed=0, rank=0, world=1, shuffle_buffer=16)))
     assert x.dtype == torch.float32 and -2.2 < x.min() < -1.5 and 2.0 < x.max() < 2.7  # ImageNet stats
 
 
@@ -97,10 +136,32 @@ def test_evaluation_crops_are_deterministic(small_shards):
         assert torch.equal(a[0], b[0]) and a[2] == b[2]
 
 
-def test_grid_spreads_crops_over_the_image():
-    corners = grid_positions(400, 600, 224, 9)
-    assert len(set(corners)) == 9
-    assert (0, 0) in corners and (400 - 224, 600 - 224) in corners
+def _cover(h, w, p, corners):
+    covered = np.zeros((h, w), bool)
+    for y, x in corners:
+        covered[y:y + p, x:x + p] = True
+    return covered
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 9, 20, 25])
+def test_grid_crops_are_distinct_and_one_lies_over_the_centre(n):
+    h, w, p = 384, 512, 224
+    corners = grid_positions(h, w, p, n)
+    assert len(set(corners)) == n
+    assert _cover(h, w, p, corners)[h // 2, w // 2]
+
+
+@pytest.mark.parametrize("n", [9, 20, 25])
+def test_grid_covers_the_whole_image_when_it_can(n):
+    corners = grid_positions(384, 512, 224, n)
+    assert (0, 0) in corners and (384 - 224, 512 - 224) in corners
+    assert _cover(384, 512, 224, corners).all()
+
+
+def test_grid_of_twenty_is_four_rows_of_five_and_one_crop_is_centred():
+    corners = grid_positions(384, 512, 224, 20)
+    assert len({y for y, _ in corners}) == 4 and len({x for _, x in corners}) == 5
+    assert grid_positions(384, 512, 224, 1) == [((384 - 224) // 2, (512 - 224) // 2)]
 
 
 def test_split_rounds_differ_and_unknown_round_is_a_clear_error(small_shards):

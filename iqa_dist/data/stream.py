@@ -1,15 +1,25 @@
 """Shards to batches of patches, for training and for evaluation.
 
-Training: each image is decoded once per visit and cut into ``patch_num`` random crops
-(with horizontal flips), which a shuffle buffer mixes across images before batching in
-the worker. Every rank yields the same number of batches per epoch: each worker's
-stream cycles over its shards, and the loop takes exactly ``steps`` batches. The shard
-order is a function of (seed, epoch) only, the crops of (seed, epoch, rank, worker):
-an epoch can be replayed exactly, which is how a resumed run skips what it has done.
+Training epochs are exact. Epoch ``e`` is a seeded permutation of the split's images in
+which every image stands for ``patch_num`` patches; that sequence of patches is cut
+into contiguous pieces, one per reader slot (rank x loader worker), each piece exactly
+the patches of the batches that slot produces. An epoch has
+``steps = ceil(images x patch_num / global batch)`` batches per rank (rounded up to
+whole accumulation cycles); the few patches that fill the last global batch are taken
+from the head of epoch ``e + 1``'s permutation (wrapped, as a ring would), so every
+image gives exactly ``patch_num`` patches each epoch plus fewer than one global batch
+of extra patches from images that change every epoch. Every rank yields the same number
+of batches.
+
+A slot reads its images shard by shard (shards in a seeded order, each front to back,
+skipping the members of other slots) and decodes each image once, cutting all of its
+crops (with horizontal flips); a shuffle buffer mixes patches across images before
+batching in the worker. Everything is a function of (seed, epoch, rank, worker): an
+epoch replays exactly, which is how a resumed run skips what it has done.
 
 Evaluation: deterministic crops (a grid, or crops seeded by the image key), each
-carrying its image key; shards are divided among ranks and workers so that every
-image is read exactly once.
+carrying its image key; the split's images are cut into contiguous runs in shard order,
+one per slot, so that every image is read exactly once.
 
 The loaders are plain ``torch.utils.data.DataLoader`` objects that are never handed to
 ``accelerator.prepare`` (it would read on rank 0 only); batches are moved by the caller.
@@ -18,14 +28,17 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import count
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -37,58 +50,88 @@ MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 IMAGE_EXTS = ("png", "jpg", "bmp", "tif", "webp", "gif", "img")
 
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # patches, labels, image key of each patch
+
 
 @dataclass(frozen=True)
 class Split:
-    """The images of one split of a packed set: their shards and keys."""
+    """The images of one split of a packed set and the shard that holds each."""
 
     root: Path
     name: str
-    keys: frozenset[str]
-    shards: tuple[Path, ...]  # only shards holding images of this split
+    shard_of: Mapping[str, Path]  # image key -> shard
+
+    @classmethod
+    def from_rows(cls, root: Path, name: str, rows: Iterable[dict]) -> "Split":
+        return cls(root, name, {r["key"]: root / r["shard"] for r in rows})
+
+    @cached_property
+    def keys(self) -> frozenset[str]:
+        return frozenset(self.shard_of)
+
+    @cached_property
+    def shards(self) -> tuple[Path, ...]:
+        """Only the shards that hold images of this split."""
+        return tuple(sorted(set(self.shard_of.values())))
+
+    @cached_property
+    def ordered(self) -> tuple[str, ...]:
+        """The keys in storage order (by shard, then key): the order of evaluation."""
+        return tuple(sorted(self.shard_of, key=lambda k: (self.shard_of[k], k)))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.shard_of)
 
 
 def load_split(root: str | Path, name: str, round_: int = 0) -> Split:
-    """Keys and shards of split ``name`` ("train", "val", "test" or "all") in round ``round_``."""
+    """Split ``name`` ("train", "val", "test" or "all") of split round ``round_``."""
     root = Path(root)
     rows = read_manifest(root)
     column = f"split_{round_}"
     if name != "all" and rows and column not in rows[0]:
         raise ConfigError(f"{root}/manifest.parquet: no split round {round_} (packed with fewer --rounds)")
-    chosen = [r for r in rows if name == "all" or r[column] == name]
-    shards = tuple(root / s for s in sorted({r["shard"] for r in chosen}))
-    return Split(root, name, frozenset(r["key"] for r in chosen), shards)
+    return Split.from_rows(root, name, (r for r in rows if name == "all" or r[column] == name))
 
 
 # ---------------------------------------------------------------- reading shards
 
 
-def _virtual_shards(shards: tuple[Path, ...], slots: int) -> list[tuple[Path, int, int]]:
-    """(shard, k, m): every m-th sample from the k-th of a shard, so that there are at
-    least as many pieces as readers even with fewer shards than ranks x workers."""
-    m = max(1, math.ceil(slots / max(1, len(shards))))
-    return [(s, k, m) for s in shards for k in range(m)]
+def _read(shard: Path, wanted: Mapping[str, object] | frozenset[str]) -> Iterator[tuple[str, np.ndarray, float]]:
+    """(key, RGB uint8 array, label) of the ``wanted`` images of one shard, in shard order.
+
+    One pass front to back; the data of other images is skipped by seeking past it, so
+    a reader pays for the headers of the shard and its own images only.
+    """
+    files: dict[str, bytes] = {}
+    current = None
+    with tarfile.open(shard, mode="r:") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key != current:
+                yield from _decoded(shard, current, files)
+                current, files = key, {}
+            if key in wanted and member.isfile():
+                files[ext] = tar.extractfile(member).read()
+        yield from _decoded(shard, current, files)
 
 
-def _samples(piece: tuple[Path, int, int], keys: frozenset[str]) -> Iterator[tuple[str, np.ndarray, float]]:
-    """(key, RGB uint8 array, label) of the split's images in one piece of a shard."""
-    shard, k, m = piece
-    index = 0
-    for sample in wds.tarfile_samples([{"url": str(shard)}]):
-        key = sample["__key__"]
-        if key not in keys:
-            continue
-        index += 1
-        if (index - 1) % m != k:
-            continue
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            raise BadImage(f"{shard}: sample {key} holds no image")
-        img, _ = open_rgb(sample[ext], f"{shard}:{key}")
-        yield key, np.asarray(img), float(json.loads(sample["json"])["label"])
+def _decoded(shard: Path, key: str | None, files: dict[str, bytes]) -> Iterator[tuple[str, np.ndarray, float]]:
+    if not files:
+        return
+    ext = next((e for e in IMAGE_EXTS if e in files), None)
+    if ext is None:
+        raise BadImage(f"{shard}: sample {key} holds no image")
+    img, _ = open_rgb(files[ext], f"{shard}:{key}")
+    yield key, np.asarray(img), float(json.loads(files["json"])["label"])
+
+
+def _read_in_order(split: Split, wanted: Mapping[str, object] | frozenset[str],
+                   shard_order: Sequence[Path] | None = None) -> Iterator[tuple[str, np.ndarray, float]]:
+    """The ``wanted`` images of a split, shard by shard (``shard_order`` or sorted)."""
+    shards = {split.shard_of[k] for k in wanted}
+    for shard in (shard_order if shard_order is not None else sorted(shards)):
+        if shard in shards:
+            yield from _read(shard, wanted)
 
 
 def _fit(arr: np.ndarray, size: int) -> np.ndarray:
@@ -114,6 +157,12 @@ def normalise(patches: np.ndarray) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.float32).copy_(x).mul_(_SCALE).add_(_SHIFT)
 
 
+def _collate(items: list[tuple[np.ndarray, float, str]]) -> Batch:
+    patches = np.stack([p for p, _, _ in items])
+    labels = torch.tensor([l for _, l, _ in items], dtype=torch.float32)
+    return normalise(patches), labels, [k for _, _, k in items]
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -122,53 +171,86 @@ def _worker() -> tuple[int, int]:
 # ---------------------------------------------------------------- training
 
 
+def steps_per_epoch(images: int, patch_num: int, batch_size: int, world: int, grad_accum: int = 1) -> int:
+    """Batches per rank in one epoch: enough for every image's ``patch_num`` patches,
+    in whole accumulation cycles (the last global batch is topped up from the next epoch)."""
+    cycle = batch_size * world * grad_accum
+    return grad_accum * max(1, math.ceil(images * patch_num / cycle))
+
+
+def batches_of_worker(steps: int, worker: int, workers: int) -> int:
+    """A DataLoader takes batch j from worker j % workers."""
+    return len(range(worker, steps, workers))
+
+
+def epoch_plan(keys: Sequence[str], patch_num: int, quotas: Sequence[int], seed: int,
+               epoch: int) -> list[Counter]:
+    """Patches per image for each of ``quotas`` (patches per slot, in slot order).
+
+    The slots share epoch ``epoch``'s permutation of ``keys`` in contiguous pieces, each
+    image counted ``patch_num`` times; past its end the permutations of the following
+    epochs continue it, so an image cut between two slots is shared, never lost.
+    """
+    def images() -> Iterator[str]:
+        for e in count(epoch):
+            yield from (keys[i] for i in np.random.default_rng([seed, e]).permutation(len(keys)))
+
+    stream, plans, key, left = images(), [], "", 0
+    for quota in quotas:
+        plan: Counter = Counter()
+        while quota:
+            if not left:
+                key, left = next(stream), patch_num
+            take = min(left, quota)
+            plan[key] += take
+            left, quota = left - take, quota - take
+        plans.append(plan)
+    return plans
+
+
 class TrainPatches(IterableDataset):
-    """Endless batches of random patches of one rank; see the module docstring."""
+    """One epoch of batches of random patches of one rank; see the module docstring."""
 
     def __init__(self, split: Split, patch_num: int, patch_size: int, batch_size: int,
-                 seed: int, rank: int, world: int, shuffle_buffer: int = 1000) -> None:
+                 seed: int, rank: int, world: int, shuffle_buffer: int = 1000,
+                 steps: int | None = None) -> None:
+        if not len(split):
+            raise ConfigError(f"{split.root}: the {split.name} split holds no images")
         self.split, self.patch_num, self.patch_size = split, patch_num, patch_size
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.steps = steps or steps_per_epoch(len(split), patch_num, batch_size, world)
         self.shuffle_buffer = max(batch_size, shuffle_buffer)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _pieces(self, wid: int, nw: int) -> Iterator[tuple[Path, int, int]]:
-        slots = self.world * nw
+    def plan(self, wid: int, nw: int) -> Counter:
+        """Patches per image of this rank's worker ``wid`` of ``nw`` in the current epoch."""
+        quotas = [batches_of_worker(self.steps, w, nw) * self.batch_size
+                  for _ in range(self.world) for w in range(nw)]
         slot = self.rank * nw + wid
-        pieces = _virtual_shards(self.split.shards, slots)
-        for cycle in range(1_000_000):
-            order = np.random.default_rng([self.seed, self.epoch, cycle]).permutation(len(pieces))
-            yield from (pieces[i] for i in order[slot::slots])
+        return epoch_plan(sorted(self.split.keys), self.patch_num, quotas[:slot + 1],
+                          self.seed, self.epoch)[slot]
 
-    def _patches(self, rng: np.random.Generator, wid: int, nw: int) -> Iterator[tuple[np.ndarray, float]]:
+    def _patches(self, plan: Counter, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, float, str]]:
         p = self.patch_size
-        empty_run = 0
-        for piece in self._pieces(wid, nw):
-            found = False
-            for _, arr, label in _samples(piece, self.split.keys):
-                found = True
-                arr = _fit(arr, p)
-                h, w = arr.shape[:2]
-                ys = rng.integers(0, h - p + 1, self.patch_num)
-                xs = rng.integers(0, w - p + 1, self.patch_num)
-                flips = rng.random(self.patch_num) < 0.5
-                for y, x, flip in zip(ys, xs, flips):
-                    patch = arr[y:y + p, x:x + p]
-                    yield (patch[:, ::-1] if flip else patch), label
-            empty_run = 0 if found else empty_run + 1
-            if empty_run > 3 * self.world * nw + len(self.split.shards) * 3:
-                raise ConfigError(f"{self.split.root}: a data loader worker found no "
-                                 f"{self.split.name} images; use fewer ranks x workers")
+        order = [self.split.shards[i] for i in rng.permutation(len(self.split.shards))]
+        for key, arr, label in _read_in_order(self.split, plan, order):
+            arr = _fit(arr, p)
+            h, w = arr.shape[:2]
+            n = plan[key]
+            ys, xs = rng.integers(0, h - p + 1, n), rng.integers(0, w - p + 1, n)
+            for y, x, flip in zip(ys, xs, rng.random(n) < 0.5):
+                patch = arr[y:y + p, x:x + p]
+                yield (patch[:, ::-1] if flip else patch), label, key
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         wid, nw = _worker()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, 1])
-        buffer: list[tuple[np.ndarray, float]] = []
-        batch: list[tuple[np.ndarray, float]] = []
-        for item in self._patches(rng, wid, nw):
+        buffer: list[tuple[np.ndarray, float, str]] = []
+        batch: list[tuple[np.ndarray, float, str]] = []
+        for item in self._patches(self.plan(wid, nw), rng):
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(item)
                 continue
@@ -178,22 +260,19 @@ class TrainPatches(IterableDataset):
             if len(batch) == self.batch_size:
                 yield _collate(batch)
                 batch = []
-
-
-def _collate(items: list[tuple[np.ndarray, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    patches = np.stack([p for p, _ in items])
-    return normalise(patches), torch.tensor([l for _, l in items], dtype=torch.float32)
-
-
-def steps_per_epoch(split: Split, patch_num: int, batch_size: int, world: int) -> int:
-    """Batches per rank that make one pass over the split's patches."""
-    return max(1, len(split) * patch_num // (batch_size * world))
+        for i in rng.permutation(len(buffer)):  # the plan is whole batches: nothing is left over
+            batch.append(buffer[i])
+            if len(batch) == self.batch_size:
+                yield _collate(batch)
+                batch = []
 
 
 def train_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, seed: int,
-                 rank: int, world: int, workers: int, shuffle_buffer: int) -> DataLoader:
-    """Endless loader; take ``steps_per_epoch`` batches after ``loader.dataset.set_epoch``."""
-    dataset = TrainPatches(split, patch_num, patch_size, batch_size, seed, rank, world, shuffle_buffer)
+                 rank: int, world: int, workers: int, shuffle_buffer: int,
+                 steps: int | None = None) -> DataLoader:
+    """One epoch of ``steps`` batches per iteration (default ``steps_per_epoch``);
+    call ``loader.dataset.set_epoch`` before each."""
+    dataset = TrainPatches(split, patch_num, patch_size, batch_size, seed, rank, world, shuffle_buffer, steps)
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=_own_generator(seed),
                       persistent_workers=False, prefetch_factor=2 if workers else None)
 
@@ -207,14 +286,30 @@ def _own_generator(seed: int) -> torch.Generator:
 # ---------------------------------------------------------------- evaluation
 
 
+def _axis(length: int, p: int, k: int) -> list[int]:
+    """``k`` crop starts from one edge to the other; a single crop is centred."""
+    if k == 1:
+        return [(length - p) // 2]
+    return np.linspace(0, length - p, k).round().astype(int).tolist()
+
+
+def grid_shape(h: int, w: int, p: int, n: int) -> tuple[int, int]:
+    """Rows x columns of ``n`` crops: of the factorisations of ``n``, those that cover
+    the whole image first, then those with a crop over its centre, then the one closest
+    to the image's aspect (20 crops of a 512x384 image: 4 rows of 5)."""
+    def rank(rows: int, cols: int) -> tuple[bool, bool, float]:
+        starts = _axis(h, p, rows), _axis(w, p, cols)
+        covers = all(k * p >= length or k == 1 and p >= length for k, length in ((rows, h), (cols, w)))
+        centre = all(any(s <= length // 2 < s + p for s in axis) for axis, length in zip(starts, (h, w)))
+        return not covers, not centre, abs(math.log(cols / rows) - math.log(w / h))
+
+    return min(((r, n // r) for r in range(1, n + 1) if n % r == 0), key=lambda rc: rank(*rc))
+
+
 def grid_positions(h: int, w: int, p: int, n: int) -> list[tuple[int, int]]:
-    """``n`` crop corners spread evenly over the image, row by row."""
-    g = math.ceil(math.sqrt(n))
-    ys = np.linspace(0, h - p, g).round().astype(int)
-    xs = np.linspace(0, w - p, g).round().astype(int)
-    cells = [(y, x) for y in ys for x in xs]
-    picks = np.linspace(0, len(cells) - 1, n).round().astype(int)
-    return [cells[i] for i in picks]
+    """``n`` crop corners on a rows x columns grid (``grid_shape``), row by row."""
+    rows, cols = grid_shape(h, w, p, n)
+    return [(y, x) for y in _axis(h, p, rows) for x in _axis(w, p, cols)]
 
 
 def eval_positions(key: str, h: int, w: int, p: int, n: int, random_crop: bool,
@@ -233,7 +328,8 @@ def eval_crops(key: str, arr: np.ndarray, p: int, n: int, random_crop: bool = Fa
 
 
 class EvalPatches(IterableDataset):
-    """Batches of (patches, labels, keys) covering every image of the split once."""
+    """Batches of (patches, labels, keys) covering every image of the split once across
+    ranks and workers."""
 
     def __init__(self, split: Split, patch_num: int, patch_size: int, batch_size: int,
                  rank: int, world: int, random_crop: bool = False, seed: int = 0) -> None:
@@ -241,30 +337,25 @@ class EvalPatches(IterableDataset):
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.random_crop, self.seed = random_crop, seed
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[Batch]:
         wid, nw = _worker()
         slots, slot = self.world * nw, self.rank * nw + wid
-        pieces = _virtual_shards(self.split.shards, slots)[slot::slots]
+        keys = self.split.ordered  # contiguous runs in storage order: each slot reads few shards
+        mine = frozenset(keys[len(keys) * slot // slots:len(keys) * (slot + 1) // slots])
         p, items = self.patch_size, []
-        for piece in pieces:
-            for key, arr, label in _samples(piece, self.split.keys):
-                for crop in eval_crops(key, arr, p, self.patch_num, self.random_crop, self.seed):
-                    items.append((crop, label, key))
-                    if len(items) == self.batch_size:
-                        yield _collate_eval(items)
-                        items = []
+        for key, arr, label in _read_in_order(self.split, mine):
+            for crop in eval_crops(key, arr, p, self.patch_num, self.random_crop, self.seed):
+                items.append((crop, label, key))
+                if len(items) == self.batch_size:
+                    yield _collate(items)
+                    items = []
         if items:
-            yield _collate_eval(items)
-
-
-def _collate_eval(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    images, labels = _collate([(p, l) for p, l, _ in items])
-    return images, labels, [k for _, _, k in items]
+            yield _collate(items)
 
 
 def eval_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, rank: int,
                 world: int, workers: int, random_crop: bool = False, seed: int = 0) -> DataLoader:
     dataset = EvalPatches(split, patch_num, patch_size, batch_size, rank, world, random_crop, seed)
-    workers = min(workers, max(1, len(_virtual_shards(split.shards, 1))))
+    workers = min(workers, len(split))
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=_own_generator(seed),
                       prefetch_factor=2 if workers else None)
