@@ -53,6 +53,11 @@ def test_backbone_maps_are_nchw(size: str) -> None:
     assert score.shape == (1,)
 
 
+def test_resnet50_fetches_torchvisions_weights() -> None:
+    cfg = Backbone("resnet50").body.pretrained_cfg  # what pretrained=True would download
+    assert (cfg["tag"], cfg["origin_url"]) == ("tv_in1k", "https://github.com/pytorch/vision")
+
+
 def test_swin_maps_are_timm_maps_permuted() -> None:
     backbone = Backbone("micro").eval()
     x = torch.randn(2, 3, 224, 224)
