@@ -55,6 +55,7 @@ def test_duplicated_yaml_key_is_an_error(tmp_path):
     ({"epochs": 2.5}, "epochs: expected int"),
     ({"multiscale": "yes"}, "multiscale: expected bool"),
     ({"model_size": "huge"}, "model_size: 'huge' is not one of"),
+    ({"optimizer": "sgd"}, "optimizer: 'sgd' is not one of adamw, adam"),
     ({"lr": None}, "lr: must not be null"),
     ({"cross_datasets": "spaq"}, "cross_datasets: expected a list"),
 ])
