@@ -230,3 +230,19 @@ def test_koniq_official_split_is_round_zero(tmp_path):
     rows = _manifest(out)
     assert all(r["split_0"] == r["official_split"] for r in rows)
     assert {r["split_0"] for r in rows} == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("dataset, flag, resize, size", [
+    ("koniq-10k", None, "koniq", (512, 384)),  # the original protocol's size by default
+    ("koniq-10k", "none", "none", (32, 24)),
+    ("csv", None, "none", (32, 24)),
+])
+def test_resize_default_depends_on_the_data_set(dataset, flag, resize, size, tmp_path):
+    from layouts import LAYOUTS
+
+    root, out = LAYOUTS[dataset](tmp_path / "src"), tmp_path / "out"
+    args = ["--dataset", dataset, "--root", str(root), "--out", str(out), "--workers", "0", "--rounds", "1"]
+    assert main(args + (["--resize", flag] if flag else [])) == 0
+    assert {(r["width"], r["height"]) for r in _manifest(out)} == {size}
+    assert json.loads((out / "card.json").read_text())["options"]["resize"] == resize
+    assert f"- resize: {resize}" in (out / "card.md").read_text()
