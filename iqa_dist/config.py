@@ -47,7 +47,8 @@ class Config:
     lr_scale: str = "none"  # none | linear | sqrt: how lr follows a global batch grown by processes
     lr_ratio: float = 10.0  # hyper network lr = lr * lr_ratio
     weight_decay: float = 1e-4
-    lr_scheduler: str = "cosine"  # cosine | step | none
+    optimizer: str = "adamw"  # adamw | adam (L2 weight decay, as the original HyperIQA)
+    lr_scheduler: str = "cosine"  # cosine | step | hyperiqa (the original's step rule) | none
     eta_min_ratio: float = 0.01  # cosine floor, relative to each group's lr
     step_size: int = 6  # step schedule: epochs between decays
     step_gamma: float = 0.1
@@ -87,7 +88,8 @@ _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
 }
 _CHOICES = {
     "model_size": ("tiny", "small", "base", "resnet50", "micro", "mobilenet"),
-    "lr_scheduler": ("cosine", "step", "none"),
+    "optimizer": ("adamw", "adam"),
+    "lr_scheduler": ("cosine", "step", "hyperiqa", "none"),
     "lr_scale": ("none", "linear", "sqrt"),
     "mixed_precision": ("no", "bf16", "fp16"),
 }

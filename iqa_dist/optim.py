@@ -1,4 +1,4 @@
-"""AdamW with HyperIQA's two learning rates, and the per-step learning-rate schedule."""
+"""AdamW or Adam with HyperIQA's two learning rates, and the per-step learning-rate schedules."""
 from __future__ import annotations
 
 import math
@@ -27,24 +27,35 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
             for (slow, decay), params in sorted(groups.items(), reverse=True)]
 
 
+# adamw decays weights apart from the gradient; adam adds weight_decay * w to the gradient
+# (L2), as the original HyperIQA's torch.optim.Adam
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return OPTIMIZERS[cfg.optimizer](param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def is_hyper(group: dict) -> bool:
+    return not group["name"].startswith("backbone")
 
 
 class LrSchedule:
-    """Multiplier of each group's initial lr after ``step`` optimiser steps.
+    """Multiplier of one group's initial lr after ``step`` optimiser steps.
 
     The cosine floor is relative (``eta_min_ratio`` x each group's lr): a fixed floor
     would raise a small lr instead of lowering it. A plain object, so that
     ``LambdaLR.state_dict`` stores it as numbers.
     """
 
-    def __init__(self, cfg: Config, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, steps_per_epoch: int, hyper: bool) -> None:
         self.kind = cfg.lr_scheduler
+        self.hyper = hyper  # a hyper-network group (the hyperiqa rule decays only those)
         self.steps_per_epoch = steps_per_epoch
         self.epochs = cfg.epochs
         self.eta_min_ratio = cfg.eta_min_ratio
         self.step_size, self.step_gamma = cfg.step_size, cfg.step_gamma
+        self.lr_ratio = cfg.lr_ratio
         self.warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
     def __call__(self, step: int) -> float:
@@ -56,9 +67,23 @@ class LrSchedule:
             return self.eta_min_ratio + (1 - self.eta_min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         if self.kind == "step":
             return self.step_gamma ** int(epoch // self.step_size)
+        if self.kind == "hyperiqa" and self.hyper:
+            return self.hyperiqa(step // self.steps_per_epoch)
         return 1.0
+
+    def hyperiqa(self, epoch: int) -> float:
+        """The original's rule: after each epoch t it sets the hyper network's lr for the next
+        to lr / 10**(t // 6) * ratio, with the ratio dropped from lr_ratio to 1 once t > 8;
+        the backbone keeps lr. Relative to the group's initial lr * lr_ratio."""
+        if epoch == 0:
+            return 1.0
+        t = epoch - 1
+        ratio = self.lr_ratio if t <= 8 else 1.0
+        return ratio / self.lr_ratio / 10 ** (t // 6)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(cfg, steps_per_epoch))
+    """One schedule per parameter group: the hyperiqa rule treats backbone and hyper apart."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [LrSchedule(cfg, steps_per_epoch, is_hyper(group)) for group in optimizer.param_groups])

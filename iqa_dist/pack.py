@@ -70,6 +70,8 @@ def resize_policy(img: Image.Image, policy: str) -> Image.Image | None:
         size = (round(img.width * scale), round(img.height * scale))
     else:
         raise ValueError(f"unknown resize policy {policy!r}")
+    if img.size == size:  # e.g. KonIQ's own 512x384 copies: keep their original bytes
+        return None
     return img.resize(size, Image.Resampling.BICUBIC)
 
 
@@ -251,11 +253,13 @@ def card(rows: list[dict], info: DatasetInfo, options: PackOptions, root: Path,
 
 def card_markdown(c: dict) -> str:
     direction = "higher is better" if c["higher_is_better"] else "lower is better"
+    resize = c["options"]["resize"]
     lines = [f"# {c['name']}", "", f"- source: {c['source']}",
              f"- label: {c['label_name']} on {c['scale'][0]}-{c['scale'][1]}, {direction}",
              f"- images: {c['num_images']} from {c['num_references']} split units "
              f"(split by {c['split_unit']}); skipped: {c['num_skipped']}",
              "- split round 0: " + ", ".join(f"{k} {v}" for k, v in c["split_counts"].items()),
+             f"- resize: {resize}{' (original pixels)' if resize == 'none' else ''}",
              f"- packing options: `{json.dumps(c['options'])}`", ""]
     return "\n".join(lines)
 
@@ -349,6 +353,11 @@ def merge(dataset: str, root: Path, out: Path, options: PackOptions) -> dict:
     return report
 
 
+# HyperIQA trains on KonIQ-10k at 512x384 (the size its authors also distribute); other
+# sets keep their pixels, which their labels were given for
+DEFAULT_RESIZE = {"koniq-10k": "koniq"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m iqa_dist.pack", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
@@ -356,9 +365,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="koniq-10k, livec, spaq, csiq, tid2013, kadid-10k, live, csv or demo")
     p.add_argument("--root", type=Path, help="the data set as downloaded (demo: where to build it)")
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. shards/NAME")
-    p.add_argument("--resize", default="none",
-                   help="none (default), koniq (512x384 by orientation), koniq-faithful "
-                        "(the original's 384x512), or short:N (short side N)")
+    p.add_argument("--resize",
+                   help="none (original pixels), koniq (512x384 by orientation), koniq-faithful "
+                        "(the original's 384x512), or short:N (short side N); default: koniq for "
+                        "koniq-10k (the original protocol's size), none for the others")
     p.add_argument("--lossy_quality", type=int, default=0,
                    help="store resized or converted images as JPEG of this quality (default: PNG)")
     p.add_argument("--shard_size", type=int, default=500, help="images per shard")
@@ -375,7 +385,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slice", help="I/N: write only every N-th shard starting at I (array jobs)")
     p.add_argument("--merge", action="store_true", help="join the slices' rows into the manifest")
     p.add_argument("--verify", action="store_true", help="check the shards against the manifest")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resize is None:
+        args.resize = DEFAULT_RESIZE.get(args.dataset, "none")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

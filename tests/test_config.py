@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from iqa_dist.config import Config, ConfigError, for_world, from_dict, load_yaml, parse_config, save_yaml
+from iqa_dist.models.backbones import BACKBONES
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -55,6 +56,7 @@ def test_duplicated_yaml_key_is_an_error(tmp_path):
     ({"epochs": 2.5}, "epochs: expected int"),
     ({"multiscale": "yes"}, "multiscale: expected bool"),
     ({"model_size": "huge"}, "model_size: 'huge' is not one of"),
+    ({"optimizer": "sgd"}, "optimizer: 'sgd' is not one of adamw, adam"),
     ({"lr": None}, "lr: must not be null"),
     ({"cross_datasets": "spaq"}, "cross_datasets: expected a list"),
 ])
@@ -88,6 +90,14 @@ def test_seed_example_configs_match_the_original_commands():
         ("base", 32, 5e-6, 0.4, 0.3)
     assert (tiny.model_size, tiny.global_batch_size, tiny.lr, tiny.dropout_rate, tiny.drop_path_rate) == \
         ("tiny", 96, 1e-5, 0.3, 0.2)
+
+
+def test_resnet50_config_is_the_original_hyperiqa():
+    cfg = load_yaml(CONFIGS / "resnet50.yaml")
+    assert (cfg.model_size, cfg.multiscale, BACKBONES[cfg.model_size].timm_name) == \
+        ("resnet50", False, "resnet50.tv_in1k")  # single scale, torchvision's ImageNet weights
+    assert (cfg.optimizer, cfg.lr, cfg.lr_ratio, cfg.weight_decay, cfg.lr_scheduler) == \
+        ("adam", 2e-5, 10.0, 5e-4, "hyperiqa")
 
 
 def test_list_values_from_command_line():

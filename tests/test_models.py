@@ -53,6 +53,11 @@ def test_backbone_maps_are_nchw(size: str) -> None:
     assert score.shape == (1,)
 
 
+def test_resnet50_fetches_torchvisions_weights() -> None:
+    cfg = Backbone("resnet50").body.pretrained_cfg  # what pretrained=True would download
+    assert (cfg["tag"], cfg["origin_url"]) == ("tv_in1k", "https://github.com/pytorch/vision")
+
+
 def test_swin_maps_are_timm_maps_permuted() -> None:
     backbone = Backbone("micro").eval()
     x = torch.randn(2, 3, 224, 224)
@@ -92,6 +97,20 @@ def test_hyper_network_generates_reference_shapes() -> None:
     assert [(tuple(w.shape), tuple(b.shape)) for w, b in params] == expected
     generated = sum(w[0].numel() + b[0].numel() for w, b in params)
     assert generated == 33_545  # per-patch target network size in the reference
+
+
+def test_lda_and_hyper_network_start_as_the_original_kaiming_normal() -> None:
+    model = create_model("micro", attention_fusion=True)
+    layers = [m for part in (model.lda, model.hyper) for m in part.modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 7 + 3 + 4 + 1 + 5  # LDA, trunk, weight convs, last weight, bias fcs
+    for layer in layers:
+        w = layer.weight
+        fan_in = w[0].numel()
+        # kaiming's std is sqrt(2 / fan_in); PyTorch's default 1 / sqrt(3 fan_in) is 2.4x smaller
+        assert w.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.25), layer
+    attention = [m.weight for m in model.fusion.attention.modules() if isinstance(m, nn.Linear)]
+    assert all(w.std().item() == pytest.approx(0.01, rel=0.25) for w in attention)
 
 
 def test_batched_target_network_equals_per_sample_loop() -> None:

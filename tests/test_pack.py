@@ -230,3 +230,29 @@ def test_koniq_official_split_is_round_zero(tmp_path):
     rows = _manifest(out)
     assert all(r["split_0"] == r["official_split"] for r in rows)
     assert {r["split_0"] for r in rows} == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("dataset, flag, resize, size", [
+    ("koniq-10k", None, "koniq", (512, 384)),  # the original protocol's size by default
+    ("koniq-10k", "none", "none", (32, 24)),
+    ("csv", None, "none", (32, 24)),
+])
+def test_resize_default_depends_on_the_data_set(dataset, flag, resize, size, tmp_path):
+    from layouts import LAYOUTS
+
+    root, out = LAYOUTS[dataset](tmp_path / "src"), tmp_path / "out"
+    args = ["--dataset", dataset, "--root", str(root), "--out", str(out), "--workers", "0", "--rounds", "1"]
+    assert main(args + (["--resize", flag] if flag else [])) == 0
+    assert {(r["width"], r["height"]) for r in _manifest(out)} == {size}
+    assert json.loads((out / "card.json").read_text())["options"]["resize"] == resize
+    assert f"- resize: {resize}" in (out / "card.md").read_text()
+
+
+def test_images_already_at_the_target_size_keep_their_bytes():
+    from PIL import Image
+
+    from iqa_dist.pack import resize_policy
+
+    assert resize_policy(Image.new("RGB", (512, 384)), "koniq") is None
+    assert resize_policy(Image.new("RGB", (384, 512)), "koniq") is None
+    assert resize_policy(Image.new("RGB", (1024, 768)), "koniq").size == (512, 384)

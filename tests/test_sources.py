@@ -1,7 +1,6 @@
 """Readers of the native data set layouts, on miniature copies of each (tests/layouts.py)."""
 from __future__ import annotations
 
-import math
 import re
 import subprocess
 import sys
@@ -252,24 +251,43 @@ def test_tid2013_name_case_and_bad_lines(tmp_path):
     disk = tmp_path / "distorted_images"
     (disk / tid_name(1, 1, 1)).rename(disk / "I01_01_1.BMP")
     records, skipped = read("tid2013", tmp_path)
-    assert (records["I25_01_1"].ref, records["i01_01_1"].ref) == ("25", "01")
-    assert records["I25_01_1"].path == disk / "i25_01_1.bmp"
+    assert (records["i25_01_1"].ref, records["i01_01_1"].ref) == ("25", "01")
+    assert records["i25_01_1"].path == disk / "i25_01_1.bmp"
     assert records["i01_01_1"].path == disk / "I01_01_1.BMP"
-    assert (records["I25_01_1"].std, records["i01_01_1"].std) == (0.1, 0.2)
+    assert (records["i25_01_1"].std, records["i01_01_1"].std) == (0.1, 0.2)
     assert reasons(skipped) == {"mos_with_names.txt:3": "label 'abc' is not a number",
                                 "mos_with_names.txt:4": "expected 'MOS i01_01_1.bmp', got '3.0'",
                                 "mos_with_names.txt:5": "expected 'MOS i01_01_1.bmp', got '2.0 weird.bmp'"}
 
 
+def test_tid2013_keys_are_lower_case_whatever_the_label_file_writes(tmp_path):
+    make_tid2013(tmp_path, refs=(1, 25), kinds=2, levels=1)
+    labels = tmp_path / "mos_with_names.txt"
+    rows = [line.split() for line in labels.read_text().splitlines()]
+    # the real file mixes i01_.. and I01_.. names; the files on disk stay lower case
+    labels.write_text("".join(f"{mos} {name.upper() if i % 2 else name}\n"
+                              for i, (mos, name) in enumerate(rows)))
+    records, skipped = read("tid2013", tmp_path)
+    assert not skipped and sorted(records) == ["i01_01_1", "i01_02_1", "i25_01_1", "i25_02_1"]
+    assert {r.ref for r in records.values()} == {"01", "25"}
+    disk = tmp_path / "distorted_images"
+    assert all(r.path == disk / f"{key}.bmp" and r.path.exists() for key, r in records.items())
+    # one image written in two cases is one key, not two records that could land in two splits
+    labels.write_text("5.0 i01_01_1.bmp\n4.0 I01_01_1.BMP\n")
+    (tmp_path / "mos_std.txt").unlink()
+    with pytest.raises(LayoutError, match="both give the key 'i01_01_1'"):
+        get_reader("tid2013").read(tmp_path)
+
+
 # ---------------------------------------------------------------- KADID-10k
 
 
-def test_kadid_std_is_the_root_of_var(tmp_path):
+def test_kadid_var_column_is_the_std_as_it_is(tmp_path):
     records, _ = read("kadid-10k", make_kadid(tmp_path, refs=2, kinds=2, levels=2))
     assert len(records) == 8 and {r.ref for r in records.values()} == {"I01", "I02"}
     r = records["I02_01_02"]
     assert (r.distortion, r.level, r.label) == ("01", 2, 3.6)
-    assert r.std == pytest.approx(math.sqrt(0.08))
+    assert r.std == pytest.approx(0.08)  # a standard deviation despite the name: no sqrt
     assert r.path == tmp_path / "images" / "I02_01_02.png"
 
 

@@ -1,4 +1,5 @@
-"""The training loop as users run it: real processes, real signals, real DDP over gloo."""
+"""The training loop as users run it: real processes, real signals, real DDP over gloo;
+its optimisers and learning-rate schedules."""
 from __future__ import annotations
 
 import csv
@@ -9,17 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-from dataclasses import replace
+from torch import nn
 
 from iqa_dist.checkpoint import EXIT_PREEMPTED
 from iqa_dist.config import Config, from_dict
+from iqa_dist.optim import build_optimizer, build_scheduler
 from iqa_dist.train import Preempted, Trainer, train
 
 REPO = Path(__file__).parents[1]
@@ -258,3 +260,55 @@ def test_two_ranks_match_one_rank_and_accumulation_with_the_same_global_batch(tm
         weights = load_file(str(tmp_path / f"{other}.safetensors"))
         worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
         assert worst < 1e-6, f"{other}: max difference {worst}"
+
+
+# ---------------------------------------------------------------- optimisers and schedules
+
+
+class TwoParts(nn.Module):
+    """The parameter names that decide the groups: ``backbone.`` at lr, the rest at lr * lr_ratio."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.hyper = nn.Linear(2, 2), nn.Linear(2, 2)
+
+
+def original_hyper_lrs(lr: float, lrratio: float, epochs: int) -> list[float]:
+    """The hyper network's lr in each epoch, by the original HyperIQA's loop: after epoch t,
+    lr_t = lr / 10**(t // 6); if t > 8: lrratio = 1; the hyper groups get lr_t * lrratio."""
+    lrs, hyper = [], lr * lrratio
+    for t in range(epochs):
+        lrs.append(hyper)
+        lr_t = lr / 10 ** (t // 6)
+        if t > 8:
+            lrratio = 1
+        hyper = lr_t * lrratio
+    return lrs
+
+
+def test_hyperiqa_schedule_decays_the_hyper_network_as_the_original():
+    lr, steps = 2e-5, 3
+    expected = [lr * 10] * 7 + [lr] * 3 + [lr / 10] * 3 + [lr / 100] * 3  # epochs 0-15
+    assert original_hyper_lrs(lr, 10, 16) == pytest.approx(expected)
+    cfg = Config(lr=lr, lr_ratio=10.0, lr_scheduler="hyperiqa", epochs=16)
+    optimizer = build_optimizer(TwoParts(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps)
+    per_step = []
+    for _ in range(16 * steps):
+        per_step.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    for name in ("hyper", "hyper_no_decay"):
+        assert [lrs[name] for lrs in per_step] == pytest.approx([x for x in expected for _ in range(steps)])
+    for name in ("backbone", "backbone_no_decay"):
+        assert [lrs[name] for lrs in per_step] == pytest.approx([lr] * 16 * steps)
+    json.dumps(scheduler.state_dict())  # plain values: checkpoints store it as such
+
+
+@pytest.mark.parametrize("name, cls, decoupled", [("adamw", torch.optim.AdamW, True),
+                                                  ("adam", torch.optim.Adam, False)])
+def test_optimizer_choice(name, cls, decoupled):
+    optimizer = build_optimizer(TwoParts(), Config(optimizer=name, weight_decay=5e-4))
+    assert type(optimizer) is cls and optimizer.defaults["decoupled_weight_decay"] is decoupled
+    assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups} == {
+        "backbone": 5e-4, "backbone_no_decay": 0.0, "hyper": 5e-4, "hyper_no_decay": 0.0}

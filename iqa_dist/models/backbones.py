@@ -33,8 +33,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     # a 1M-parameter CNN (MobileNetV3-Small): learns from scratch on a CPU far faster than
     # a Swin of the same cost (batch norm), so the CPU demo uses it
     "mobilenet": BackboneSpec("mobilenetv3_small_100", (1, 2, 3, 4), False, _SWIN_TRUNK),
-    # the original HyperIQA (its hyper network reads stage 4 only: use multiscale=False)
-    "resnet50": BackboneSpec("resnet50", (1, 2, 3, 4), False, (1024, 512)),
+    # the original HyperIQA (its hyper network reads stage 4 only: use multiscale=False), on
+    # torchvision's ImageNet weights as the original; timm's default resnet50 weights differ
+    "resnet50": BackboneSpec("resnet50.tv_in1k", (1, 2, 3, 4), False, (1024, 512)),
 }
 
 

@@ -22,6 +22,17 @@ TARGET_WIDTHS = (224, 112, 56, 28, 14, 1)
 ATTENTION_HIDDEN = 256
 
 
+def kaiming_init(module: nn.Module) -> None:
+    """``kaiming_normal_`` on every conv and linear weight of ``module``, as the original
+    HyperIQA initialises its LDA taps and hyper network. PyTorch's default draws weights
+    2.4x smaller (std 1/sqrt(3 fan_in), not sqrt(2/fan_in)): the generated target weights
+    start near zero, and in our demo runs the micro Swin then learned nothing or collapsed
+    to constant scores. Biases keep PyTorch's default: the original re-initialises weights only."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+
+
 class LDA(nn.Module):
     """Local distortion aware taps: four stage maps -> the target network's input vector."""
 
@@ -31,6 +42,7 @@ class LDA(nn.Module):
         last = TARGET_WIDTHS[0] - 3 * LDA_WIDTH
         taps.append(nn.Sequential(nn.AvgPool2d(POOL), nn.Flatten(), nn.Linear(channels[3], last)))
         self.taps = nn.ModuleList(taps)
+        kaiming_init(self)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([tap(f) for tap, f in zip(self.taps, feats)], dim=1)
@@ -99,6 +111,7 @@ class HyperNetwork(nn.Module):
                                           for n_in, n_out in self.shapes[:-1])
         self.last_weight = nn.Linear(HYPER_CHANNELS, TARGET_WIDTHS[-2] * TARGET_WIDTHS[-1])
         self.bias_fcs = nn.ModuleList(nn.Linear(HYPER_CHANNELS, n_out) for _, n_out in self.shapes)
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         h = self.dropout(self.trunk(x))

@@ -2,11 +2,11 @@
 
 Layout: ``dmos.csv`` (``dist_img, ref_img, dmos, var``) and ``images/`` holding both the
 distorted (``I01_01_01.png``) and the reference images (``I01.png``). Despite its name
-the ``dmos`` column is higher-is-better (1-5).
+the ``dmos`` column is higher-is-better (1-5), and ``var`` already holds a standard
+deviation (pyiqa copies it as ``std``).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from . import DatasetInfo, Reader, Record, Skipped, register
@@ -31,7 +31,7 @@ def read(root: Path) -> tuple[list[Record], list[Skipped]]:
 
 def _std(var: str) -> float | None:
     value = number(var)
-    return math.sqrt(value) if value is not None and value >= 0 else None
+    return value if value is not None and value >= 0 else None
 
 
 register(Reader(
@@ -41,6 +41,6 @@ register(Reader(
                             "database.mmsp-kn.de/kadid-10k-database.html"),
     read=read,
     notes=["the dmos column is higher-is-better despite its name",
-           "std = sqrt(var) of the file's var column",
+           "std = the var column as it is: it holds a standard deviation despite its name",
            "reference id = ref_img without its suffix (I01); distortion and level from the name"],
 ))

@@ -4,13 +4,15 @@ Layout: ``mos_with_names.txt`` (``5.51429 i01_01_1.bmp`` per line), optionally
 ``mos_std.txt`` (one value per line, same order), images in ``distorted_images/``.
 The reference id is characters 2-3 of the name (``i01_01_1`` -> ``01``), whatever the
 case of its first letter (the 25th reference is ``i25.bmp`` while the others are ``I01.BMP``).
+The label file too writes both ``i01_..`` and ``I01_..``: keys are lower case, so that an
+image has one key however it is written; its file is found whatever the case on disk.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from . import DatasetInfo, LayoutError, Reader, Record, Skipped, register
-from ._util import Collector, FileIndex, synthetic_parts, text_rows
+from ._util import Collector, FileIndex, make_key, synthetic_parts, text_rows
 
 
 def read(root: Path) -> tuple[list[Record], list[Skipped]]:
@@ -27,7 +29,7 @@ def read(root: Path) -> tuple[list[Record], list[Skipped]]:
         ref, kind, level = parts
         name = tokens[1]
         out.add(line, name, tokens[0], index.find(name, root / "distorted_images" / name),
-                std=std, ref=ref, distortion=kind, level=level)
+                key=make_key(name).lower(), std=std, ref=ref, distortion=kind, level=level)
     return out.result()
 
 
@@ -45,6 +47,7 @@ register(Reader(
                      split_unit="reference",
                      source="TID2013 (Ponomarenko et al., 2015), ponomarenko.info/tid2013.htm"),
     read=read,
-    notes=["reference id = characters 2-3 of the name; distortion = type number, level = level",
+    notes=["key = the name in lower case (the label file mixes i01_ and I01_)",
+           "reference id = characters 2-3 of the name; distortion = type number, level = level",
            "std from mos_std.txt when present"],
 ))
