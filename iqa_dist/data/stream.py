@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import count
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def load_split(root: str | Path, name: str, round_: int = 0) -> Split:
 # ---------------------------------------------------------------- reading shards
 
 
-def _read(shard: Path, wanted: Mapping[str, object] | frozenset[str]) -> Iterator[tuple[str, np.ndarray, float]]:
+def _read(shard: Path, wanted: Collection[str]) -> Iterator[tuple[str, np.ndarray, float]]:
     """(key, RGB uint8 array, label) of the ``wanted`` images of one shard, in shard order.
 
     One pass front to back; the data of other images is skipped by seeking past it, so
@@ -125,7 +125,7 @@ def _decoded(shard: Path, key: str | None, files: dict[str, bytes]) -> Iterator[
     yield key, np.asarray(img), float(json.loads(files["json"])["label"])
 
 
-def _read_in_order(split: Split, wanted: Mapping[str, object] | frozenset[str],
+def _read_in_order(split: Split, wanted: Collection[str],
                    shard_order: Sequence[Path] | None = None) -> Iterator[tuple[str, np.ndarray, float]]:
     """The ``wanted`` images of a split, shard by shard (``shard_order`` or sorted)."""
     shards = {split.shard_of[k] for k in wanted}
