@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, for_world, parse_config, save_yaml
-from .data.stream import Split, load_split, steps_per_epoch, train_loader
+from .data.stream import load_split, steps_per_epoch, train_loader
 from .evaluate import card_of, predict_split, same_direction, split_metrics
 from .losses import iqa_loss
 from .optim import build_optimizer, build_scheduler
