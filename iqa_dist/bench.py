@@ -136,7 +136,7 @@ def timed_patches(batches: Iterable) -> tuple[int, float]:
 
 def decode_once_bound(split: Split, patch_num: int, batch_size: int, parallel: int) -> dict[str, float]:
     """Patches/s if each image were decoded once and cut into ``patch_num`` crops, with no
-    other cost: decode time / patch_num + crop-flip-normalise time, over ``parallel`` cores."""
+    other cost: decode time / patch_num + crop-flip-collate time, over ``parallel`` cores."""
     decode, arrays = [], []
     for key, _, data in stored_images(split):
         start = time.perf_counter()
@@ -152,7 +152,7 @@ def decode_once_bound(split: Split, patch_num: int, batch_size: int, parallel: i
             y, x = rng.integers(0, max(1, h - PATCH + 1)), rng.integers(0, max(1, w - PATCH + 1))
             patch = arr[y:y + PATCH, x:x + PATCH]
             items.append((patch[:, ::-1] if rng.random() < 0.5 else patch, 0.0, ""))
-        _collate(items)  # the stream's own stacking and normalisation
+        _collate(items)  # the stream's own stacking
         crop.append((time.perf_counter() - start) / batch_size)
     per_patch = float(np.mean(decode)) / patch_num + float(np.mean(crop))
     return {"decode_ms": 1000 * float(np.mean(decode)), "crop_ms": 1000 * float(np.mean(crop)),
@@ -225,8 +225,10 @@ def use_device(device: str) -> None:
 
 
 def synthetic_batch(batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC patches, as the loaders yield them, and labels."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, 3, PATCH, PATCH, generator=g), torch.rand(batch_size, generator=g) * 100
+    patches = torch.randint(0, 256, (batch_size, PATCH, PATCH, 3), generator=g, dtype=torch.uint8)
+    return patches, torch.rand(batch_size, generator=g) * 100
 
 
 def bench_step(args: argparse.Namespace) -> Result:

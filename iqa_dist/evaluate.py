@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from .config import Config
-from .data.stream import Split, eval_loader, load_split
+from .data.stream import Split, eval_loader, load_split, to_model_input
 from .metrics import compute_metrics
 from .tools import load_trained, markdown_table
 
@@ -85,9 +85,9 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
         images = batch[0] if batch is not None else dummy
         dummy = images[:1] if batch is not None else dummy
         if images is None:  # this rank has no image at all: borrow a blank one
-            images = torch.zeros(1, 3, cfg.patch_size, cfg.patch_size)
+            images = torch.zeros(1, cfg.patch_size, cfg.patch_size, 3, dtype=torch.uint8)
         with accelerator.autocast():
-            preds = model(images.to(accelerator.device, dtype)).float().cpu()
+            preds = model(to_model_input(images, accelerator.device, dtype)).float().cpu()
         if batch is not None:
             for key, pred, label in zip(batch[2], preds.tolist(), batch[1].tolist()):
                 entry = sums.setdefault(key, [0.0, 0, label])

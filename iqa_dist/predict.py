@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import ConfigError
-from .data.stream import eval_crops, normalise
+from .data.stream import eval_crops, to_model_input
 from .images import BadImage, read_rgb
 from .tools import default_device, label_scale, load_trained, markdown_table
 
@@ -98,7 +98,7 @@ class ImageCrops(Dataset):
 
 
 def _as_is(item: tuple) -> tuple:
-    return item  # keep numpy crops: they are normalised a batch at a time
+    return item  # keep uint8 numpy crops: they are normalised a batch at a time, on the device
 
 
 # ---------------------------------------------------------------- scoring
@@ -143,7 +143,7 @@ def score_files(model: torch.nn.Module, paths: list[Path], *, patch_size: int, p
 
     dtype = next(model.parameters()).dtype
     for crops, owners in fixed_batches(readable(), batch_size):
-        preds = model(normalise(crops).to(device, dtype)).float().cpu().numpy()
+        preds = model(to_model_input(crops, device, dtype)).float().cpu().numpy()
         np.add.at(sums, owners, preds)
         np.add.at(counts, owners, 1)
     scored = [Scored(str(paths[i]), float(sums[i] / counts[i]), notes[i]) for i in sorted(notes)]

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, for_world, parse_config, save_yaml
-from .data.stream import load_split, steps_per_epoch, train_loader
+from .data.stream import load_split, steps_per_epoch, to_model_input, train_loader
 from .evaluate import card_of, predict_split, same_direction, split_metrics
 from .losses import iqa_loss
 from .optim import build_optimizer, build_scheduler
@@ -228,7 +228,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         acc, cfg = self.accelerator, self.cfg
         dtype = next(self.model.parameters()).dtype  # DeepSpeed bf16 casts the model, not inputs
-        images, labels = images.to(acc.device, dtype), labels.to(acc.device)
+        images, labels = to_model_input(images, acc.device, dtype), labels.to(acc.device)
         with acc.accumulate(self.model):
             with acc.autocast():
                 preds = self.model(images).float()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from iqa_dist.data.stream import eval_crops, normalise
+from iqa_dist.data.stream import eval_crops, to_model_input
 from iqa_dist.predict import expand_inputs, fixed_batches, main, score_files
 from iqa_dist.tools import load_trained
 from test_train import machinery_args, run, train_cmd
@@ -91,7 +91,7 @@ def test_score_is_the_mean_over_the_evaluation_crops_whatever_the_batching(train
     for path, s in zip(paths, scored):
         arr = np.asarray(Image.open(path).convert("RGB"))
         with torch.no_grad():
-            direct = trained.model(normalise(np.stack(eval_crops(str(path), arr, 224, 3)))).mean()
+            direct = trained.model(to_model_input(np.stack(eval_crops(str(path), arr, 224, 3)), "cpu")).mean()
         assert s.score == pytest.approx(float(direct), abs=1e-5)
 
 

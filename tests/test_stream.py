@@ -10,7 +10,7 @@ from iqa_dist.config import ConfigError
 from iqa_dist.data import stream
 from iqa_dist.pack import PackOptions, pack, read_manifest
 from iqa_dist.data.stream import (EvalPatches, TrainPatches, eval_loader, grid_positions, load_split,
-                                  steps_per_epoch, train_loader)
+                                  steps_per_epoch, to_model_input, train_loader)
 
 
 def _epoch_counts(split, epoch, *, world, workers, patch_num, batch_size):
@@ -110,10 +110,42 @@ def test_epoch_replays_exactly_and_differs_across_epochs_and_ranks(small_shards)
     assert not torch.equal(a[0], first(1, 0)[0])
 
 
-def test_patches_are_normalised_and_flipped(small_shards):
+def test_loaders_yield_uint8_and_the_device_side_normalises(small_shards):
     split = load_split(small_shards, "train")
     x, _, _ = next(iter(TrainPatches(split, 8, 224, batch_size=16, seed=0, rank=0, world=1, shuffle_buffer=16)))
-    assert x.dtype == torch.float32 and -2.2 < x.min() < -1.5 and 2.0 < x.max() < 2.7  # ImageNet stats
+    assert x.dtype == torch.uint8 and x.shape == (16, 224, 224, 3)
+    y = to_model_input(x, "cpu")
+    assert y.dtype == torch.float32 and y.shape == (16, 3, 224, 224) and y.is_contiguous()
+    assert -2.2 < y.min() < -1.5 and 2.0 < y.max() < 2.7  # ImageNet statistics
+    reference = (x.permute(0, 3, 1, 2).double() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).double()) \
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1).double()
+    assert (y.double() - reference).abs().max() < 1e-5
+    last = to_model_input(x, "cpu", torch.bfloat16, channels_last=True)
+    assert last.dtype == torch.bfloat16 and last.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_training_on_device_normalised_input_matches_float_input_to_rounding():
+    """A training step on uint8 patches normalised on the device gives the loss and the
+    gradients of the same step on the float patches the loaders used to send."""
+    from iqa_dist.models import create_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 224, 224, 3), generator=g, dtype=torch.uint8)
+    y = torch.rand(4, generator=g)
+    float_input = ((x.permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+                   / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    torch.manual_seed(0)
+    model = create_model("micro", dropout_rate=0.0, drop_path_rate=0.0)
+    steps = []
+    for batch in (to_model_input(x, "cpu"), float_input):
+        model.zero_grad()
+        loss = torch.nn.functional.l1_loss(model(batch), y)
+        loss.backward()
+        steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = steps
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name, grad in grads_a.items():
+        assert (grad - grads_b[name]).abs().max() <= 1e-4 * grad.abs().max() + 1e-8, name
 
 
 def test_evaluation_covers_every_image_once_across_ranks(small_shards):
