@@ -216,6 +216,19 @@ class Trainer:
             ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))
         self.accelerator.wait_for_everyone()
 
+    def load_into_model(self, weights: dict[str, torch.Tensor]) -> None:
+        """Full weights into the training model; under ZeRO-3 its parameters are shards,
+        so every rank gathers them, loads the same file, and rank 0's copy is scattered back."""
+        model = self.accelerator.unwrap_model(self.model)
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:
+            model.load_state_dict(weights)
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            model.load_state_dict(weights)
+
     # -------------------------------------------------- steps and epochs
 
     def agree(self, *flags: bool) -> list[bool]:
@@ -361,8 +374,7 @@ class Trainer:
         """Test the best weights once, cross-data-set tests, results.json and plots."""
         from .plots import plot_run
 
-        best = ckpt.checkpoints_dir(self.run_dir) / "best" / "model.safetensors"
-        self.accelerator.unwrap_model(self.model).load_state_dict(ckpt.load_weights(best))
+        self.load_into_model(ckpt.load_weights(ckpt.checkpoints_dir(self.run_dir) / "best" / "model.safetensors"))
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "best_epoch": self.state.best_epoch + 1,
                                    "best_val_srcc": self.state.best_srcc,
                                    "epochs_run": self.state.epoch, "world_size": self.accelerator.num_processes,
