@@ -38,6 +38,11 @@ from .images import BadImage, encode_jpeg, encode_png, open_rgb
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
 SPLITS = ("train", "val", "test")
+# Extensions by the format PIL finds in the bytes (MPO: phones' multi-picture JPEGs); the
+# stream knows these, and "img" for anything else.
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif",
+              "WEBP": "webp", "GIF": "gif"}
+
 
 
 @dataclasses.dataclass
@@ -88,10 +93,8 @@ def stored_image(path: Path, options: PackOptions) -> tuple[bytes, str, Image.Im
         raise BadImage(f"{path}: cannot read ({err.strerror})") from None
     img, converted = open_rgb(data, str(path))
     resized = resize_policy(img, options.resize)
-    ext = path.suffix.lower().lstrip(".") or "img"
-    ext = {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext)
-    if resized is None and converted is None:
-        return data, ext, img, None
+    if resized is None and converted is None:  # the bytes' own format, whatever the file's name
+        return data, EXTENSIONS.get(img.format, "img"), img, None
     out = resized or img
     note = f"converted from {converted}" if converted else None
     if options.lossy_quality:

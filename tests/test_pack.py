@@ -256,3 +256,41 @@ def test_images_already_at_the_target_size_keep_their_bytes():
     assert resize_policy(Image.new("RGB", (512, 384)), "koniq") is None
     assert resize_policy(Image.new("RGB", (384, 512)), "koniq") is None
     assert resize_policy(Image.new("RGB", (1024, 768)), "koniq").size == (512, 384)
+
+
+# ---------------------------------------------------------------- bad input and faults (#11)
+
+
+def _csv_args(root, out, *extra):
+    return ["--dataset", "csv", "--root", str(root), "--out", str(out), "--workers", "0",
+            "--rounds", "1", *extra]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_odd_names_and_labels_in_labels_csv(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=2, per_ref=2)
+    png = root / "img" / "png.jpg"  # a PNG named .jpg
+    png.write_bytes((root / "img" / "r0_d0.png").read_bytes())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((root / "img" / "r0_d1.png").read_bytes())
+    (root / "img" / "inf.png").write_bytes(outside.read_bytes())
+    with open(root / "labels.csv", "a", newline="") as f:
+        csv.writer(f).writerows([["img/png.jpg", 40, "p"], ["../outside.png", 41, "o"],
+                                 [str(outside), 42, "a"], ["img/inf.png", "inf", "i"]])
+    out = tmp_path / "out"
+    assert main(_csv_args(root, out, "--max_bad", "3", "--verify")) == 0
+    err = capsys.readouterr().err.splitlines()
+    labels = root / "labels.csv"
+    assert err == [f"skipped {labels}:7: image name '../outside.png' leaves the data set folder",
+                   f"skipped {labels}:8: image name '{outside}' leaves the data set folder",
+                   f"skipped {labels}:9: label 'inf' is infinite"]
+    row = {r["key"]: r for r in _manifest(out)}["png"]
+    assert row["format"] == "png"
+    import tarfile
+    with tarfile.open(out / row["shard"]) as tar:
+        assert tar.extractfile("png.png").read() == png.read_bytes()
