@@ -16,6 +16,7 @@ with its rows beside it: a re-run skips finished shards and continues.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,7 @@ import tarfile
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +39,7 @@ from .images import BadImage, encode_jpeg, encode_png, open_rgb
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
 SPLITS = ("train", "val", "test")
+TMP_SUFFIX = ".tmp"
 # Extensions by the format PIL finds in the bytes (MPO: phones' multi-picture JPEGs); the
 # stream knows these, and "img" for anything else.
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif",
@@ -117,18 +119,18 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
         done = json.loads(rows_path.read_text())
         return tar_path.name, done["rows"], [Skipped(**s) for s in done["skipped"]]
     rows, skipped = [], []
-    tmp = tar_path.with_name(f".{tar_path.name}.tmp")
-    with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: reproducible shards
-        for rec in records:
-            try:
-                data, ext, img, note = stored_image(rec.path, options)
-            except BadImage as err:
-                skipped.append(Skipped(where=str(rec.path), reason=str(err).split(": ", 1)[-1]))
-                continue
-            meta = {"label": rec.label, "std": rec.std, "ref": rec.ref, "key": rec.key}
-            sink.write({"__key__": rec.key, ext: data, "json": meta})
-            rows.append(_row(rec, tar_path.name, ext, img, data, note))
-    os.replace(tmp, tar_path)
+    with _temporary(tar_path) as tmp:
+        with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: reproducible shards
+            for rec in records:
+                try:
+                    data, ext, img, note = stored_image(rec.path, options)
+                except BadImage as err:
+                    skipped.append(Skipped(where=str(rec.path), reason=str(err).split(": ", 1)[-1]))
+                    continue
+                meta = {"label": rec.label, "std": rec.std, "ref": rec.ref, "key": rec.key}
+                sink.write({"__key__": rec.key, ext: data, "json": meta})
+                rows.append(_row(rec, tar_path.name, ext, img, data, note))
+        os.replace(tmp, tar_path)
     _atomic_write_text(rows_path, json.dumps(
         {"rows": rows, "skipped": [dataclasses.asdict(s) for s in skipped]}))
     return tar_path.name, rows, skipped
@@ -143,11 +145,29 @@ def _row(rec: Record, shard: str, ext: str, img: Image.Image, data: bytes, note:
     }
 
 
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A new temporary file beside ``path`` (unique: slices write side by side), removed
+    unless the caller renamed it; what a kill -9 leaves, :func:`_remove_temporaries` clears."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write ``path`` whole or not at all."""
+    with _temporary(path) as tmp:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Temporaries of killed runs; call only where no other run writes (not in slices)."""
+    for tmp in out.glob(f".*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_shards(records: list[Record], out: Path, dataset: str, options: PackOptions,
@@ -213,10 +233,10 @@ def split_columns(rows: list[dict], info: DatasetInfo, options: PackOptions) -> 
 
 
 def write_manifest(rows: list[dict], out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.")
-    os.close(fd)
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, out / "manifest.parquet")
+    path = out / "manifest.parquet"
+    with _temporary(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, path)
 
 
 def read_manifest(shards: str | Path) -> list[dict]:
@@ -301,6 +321,8 @@ def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, worke
          part: tuple[int, int] | None = None) -> dict:
     """Pack a data set; returns the report. ``part`` writes one slice of the shards only."""
     out.mkdir(parents=True, exist_ok=True)
+    if part is None or part[1] == 1:  # the only run writing here: clear what killed runs left
+        _remove_temporaries(out)
     if dataset == "demo":
         from .sources import demo
 
@@ -350,6 +372,7 @@ def merge(dataset: str, root: Path, out: Path, options: PackOptions) -> dict:
         skipped += done["skipped"]
     if not rows:
         raise LayoutError(f"{out}: no finished shards to merge")
+    _remove_temporaries(out)  # the slices are done: nothing writes here any more
     finish(rows, get_reader(dataset).info, options, root, out, len(skipped))
     report = {"dataset": dataset, "root": str(root), "packed": len(rows), "skipped": skipped}
     _atomic_write_text(out / "pack_report.json", json.dumps(report, indent=1))

@@ -294,3 +294,26 @@ def test_odd_names_and_labels_in_labels_csv(tmp_path, capsys):
     import tarfile
     with tarfile.open(out / row["shard"]) as tar:
         assert tar.extractfile("png.png").read() == png.read_bytes()
+
+
+def test_interrupted_writes_leave_no_temporaries(tmp_path, monkeypatch):
+    root = make_csv_set(tmp_path / "src", n_refs=3, per_ref=2)
+    out = tmp_path / "out"
+    args = _csv_args(root, out, "--shard_size", "2")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not list(out.glob(".*"))
+    monkeypatch.undo()
+    # what kill -9 leaves while a shard and the manifest are written
+    for name in (".csv-00000.tar.k2j4x9ab.tmp", ".manifest.parquet.q8w7e6rt.tmp"):
+        (out / name).touch()
+    assert main(args) == 0 and not list(out.glob(".*"))
+    for i in range(2):
+        assert main([*args, "--slice", f"{i}/2"]) == 0
+    (out / ".manifest.parquet.z1x2c3vb.tmp").touch()
+    assert main([*args, "--merge"]) == 0 and not list(out.glob(".*"))
