@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
 import tarfile
 import tempfile
@@ -179,13 +181,26 @@ def write_shards(records: list[Record], out: Path, dataset: str, options: PackOp
     rows, skipped = [], []
     bar = tqdm(total=sum(len(j[2]) for j in jobs), unit="img", desc=f"pack {dataset}",
                disable=None)
-    with ProcessPoolExecutor(max_workers=max(1, workers)) if workers > 0 else _Inline() as pool:
+    pool = (ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
+                                initargs=(os.getpid(),)) if workers > 0 else _Inline())
+    with pool:
         for _, shard_rows, shard_skipped in pool.map(_write_shard, jobs):
             rows += shard_rows
             skipped += shard_skipped
             bar.update(len(shard_rows) + len(shard_skipped))
     bar.close()
     return rows, skipped
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: without it a worker outlives a killed pack, blocked forever on its pipe."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class _Inline:

@@ -272,6 +272,37 @@ def _error_line(capsys) -> str:
     return err
 
 
+def test_workers_die_with_a_killed_pack(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    root = make_csv_set(tmp_path / "src", n_refs=3, per_ref=2)
+    os.mkfifo(root / "img" / "fifo.png")  # reading it blocks a worker until it is killed
+    with open(root / "labels.csv", "a") as f:
+        f.write("img/fifo.png,50,r9\n")
+    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.pack", *_csv_args(root, tmp_path / "out"),
+                             "--shard_size", "1", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        # 7 one-image shards: one worker blocks on the fifo, the other finishes 6 and waits for work
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and \
+                len(list((tmp_path / "out").glob("*.rows.json"))) < 6:
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert proc.poll() is None and len(children) == 2
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        for p in [*children, proc]:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.wait(timeout=10)
+
+
 def test_odd_names_and_labels_in_labels_csv(tmp_path, capsys):
     root = make_csv_set(tmp_path / "src", n_refs=2, per_ref=2)
     png = root / "img" / "png.jpg"  # a PNG named .jpg
