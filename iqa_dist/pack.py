@@ -439,20 +439,14 @@ def main(argv: list[str] | None = None) -> int:
                           rounds=args.rounds,
                           split=tuple(args.split))
     try:
-        if args.merge:
-            report = merge(args.dataset, args.root or args.out, args.out, options)
-        elif args.verify and args.root is None and args.dataset != "demo":
-            report = {"skipped": []}  # verify what is there, pack nothing
-        else:
-            part = tuple(int(x) for x in args.slice.split("/")) if args.slice else None
-            report = pack(args.dataset, args.root, args.out, options, args.workers, part)
+        report = _run(args, options)
+        problems = verify(args.out) if args.verify else []
     except (LayoutError, BadImage, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for s in report["skipped"]:
         print(f"skipped {s['where']}: {s['reason']}", file=sys.stderr)
     if args.verify:
-        problems = verify(args.out)
         for problem in problems:
             print(f"verify: {problem}", file=sys.stderr)
         print(f"verify: {'OK' if not problems else f'{len(problems)} problems'} in {args.out}")
@@ -466,6 +460,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _run(args: argparse.Namespace, options: PackOptions) -> dict:
+    """Merge, pack or nothing (a bare --verify); the report."""
+    if args.merge:
+        return merge(args.dataset, args.root or args.out, args.out, options)
+    if args.verify and args.root is None and args.dataset != "demo":
+        return {"skipped": []}  # verify what is there, pack nothing
+    part = tuple(int(x) for x in args.slice.split("/")) if args.slice else None
+    return pack(args.dataset, args.root, args.out, options, args.workers, part)
 
 
 if __name__ == "__main__":

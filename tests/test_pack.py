@@ -272,6 +272,13 @@ def _error_line(capsys) -> str:
     return err
 
 
+def test_verify_without_a_manifest_is_one_line(tmp_path, capsys):
+    out = tmp_path / "never_packed"
+    assert main(["--dataset", "csv", "--out", str(out), "--verify"]) == 2
+    assert _error_line(capsys) == (f"error: {out / 'manifest.parquet'}: no manifest; pack the data set "
+                                   "first (python -m iqa_dist.pack)")
+
+
 def test_workers_die_with_a_killed_pack(tmp_path):
     psutil = pytest.importorskip("psutil")
     root = make_csv_set(tmp_path / "src", n_refs=3, per_ref=2)
