@@ -272,6 +272,66 @@ def _error_line(capsys) -> str:
     return err
 
 
+def _edit_labels(root, edit):
+    lines = (root / "labels.csv").read_text().splitlines()
+    edit(lines)
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_repack_with_other_inputs_is_refused_until_overwrite(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=4, per_ref=2)
+    out = tmp_path / "out"
+    args = _csv_args(root, out, "--shard_size", "1")
+    assert main(args) == 0
+    refused = f"error: {out}: packed from different inputs"
+    assert main([*args, "--resize", "short:128"]) == 2
+    assert _error_line(capsys) == f"{refused} (options: resize none -> short:128); use --overwrite to rebuild"
+    name, _, ref = (root / "labels.csv").read_text().splitlines()[1].split(",")
+    _edit_labels(root, lambda lines: lines.__setitem__(1, f"{name},55.5,{ref}"))
+    assert main(args) == 2
+    assert _error_line(capsys) == f"{refused} (labels changed); use --overwrite to rebuild"
+    _edit_labels(root, lambda lines: lines.pop(2))
+    assert main([*args, "--no_shuffle"]) == 2
+    assert _error_line(capsys) == (f"{refused} (labels changed; images changed; options: shuffle True -> "
+                                   "False); use --overwrite to rebuild")
+    assert main([*args, "--resize", "short:128", "--overwrite", "--verify"]) == 0
+    rows = {r["key"]: r for r in _manifest(out)}
+    assert len(rows) == len(list(out.glob("*.tar"))) == 7 and rows[Path(name).stem]["label"] == 55.5
+    assert all(min(r["width"], r["height"]) == 128 for r in rows.values())
+    assert main([*args, "--resize", "short:128"]) == 0  # the same inputs again: continues
+    (out / "pack_inputs.json").unlink()  # as an older version left its shards
+    assert main([*args, "--resize", "short:128"]) == 2
+    assert _error_line(capsys) == (f"error: {out}: holds shards of an earlier pack that did not "
+                                   "record its inputs; use --overwrite to rebuild")
+
+
+def test_merge_refuses_missing_shards_and_other_options(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=5, per_ref=2)
+    out = tmp_path / "out"
+    args = _csv_args(root, out, "--shard_size", "3")  # 10 images: 4 shards, slice 0 writes 0 and 3
+    for i in (0, 2):
+        assert main([*args, "--slice", f"{i}/3"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--merge", "--verify"]) == 2
+    assert _error_line(capsys) == (f"error: {out}: cannot merge, 1 of 4 shards missing (csv-00001.tar); "
+                                   "run their --slice jobs again")
+    assert not (out / "manifest.parquet").exists()
+    assert main([*args, "--slice", "1/3", "--seed", "1"]) == 2
+    assert "packed from different inputs (options: seed 0 -> 1)" in _error_line(capsys)
+    assert main([*args, "--slice", "1/3", "--overwrite"]) == 2
+    assert "--overwrite with --slice" in _error_line(capsys)
+    assert main([*args, "--slice", "1/3"]) == 0
+    (out / "csv-00003.tar").unlink()
+    capsys.readouterr()
+    assert main([*args, "--merge"]) == 2
+    assert "1 of 4 shards missing (csv-00003.tar)" in _error_line(capsys)
+    assert main([*args, "--slice", "0/3"]) == 0
+    assert main([*args, "--merge", "--seed", "1"]) == 2
+    assert _error_line(capsys) == (f"error: {out}: the slices were packed with other settings "
+                                   "(options: seed 0 -> 1); merge with the slices' options")
+    assert main([*args, "--merge", "--verify"]) == 0 and len(_manifest(out)) == 10
+
+
 def test_verify_without_a_manifest_is_one_line(tmp_path, capsys):
     out = tmp_path / "never_packed"
     assert main(["--dataset", "csv", "--out", str(out), "--verify"]) == 2
