@@ -11,21 +11,28 @@ and shard lengths per split), ``card.json``/``card.md`` and ``pack_report.json``
 Shards hold every image once, in a seeded random order (so that a stretch of a shard is
 a fair sample of the set, not one reference's distortions); splits live in the manifest,
 so N split rounds cost no extra storage. Each shard is written under a temporary name and renamed when complete,
-with its rows beside it: a re-run skips finished shards and continues.
+with its rows beside it: a re-run skips finished shards and continues. ``pack_inputs.json``
+records what the shards are made from (labels, images, options) when packing starts: a
+re-run with other inputs is refused (or rebuilt with ``--overwrite``), and a merge of
+``--slice`` jobs knows which shards and how many images to expect.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import signal
 import sys
 import tarfile
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +45,18 @@ from .images import BadImage, encode_jpeg, encode_png, open_rgb
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
 SPLITS = ("train", "val", "test")
+INPUTS = "pack_inputs.json"
+# The options that shape the shards; rounds and split only shape the manifest, rebuilt every run.
+SHARD_OPTIONS = ("resize", "lossy_quality", "shard_size", "seed", "shuffle")
+TMP_SUFFIX = ".tmp"
+# Extensions by the format PIL finds in the bytes (MPO: phones' multi-picture JPEGs); the
+# stream knows these, and "img" for anything else.
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif",
+              "WEBP": "webp", "GIF": "gif"}
+
+
+class PackError(ValueError):
+    """The output folder does not fit this command: other inputs, missing slices."""
 
 
 @dataclasses.dataclass
@@ -88,10 +107,8 @@ def stored_image(path: Path, options: PackOptions) -> tuple[bytes, str, Image.Im
         raise BadImage(f"{path}: cannot read ({err.strerror})") from None
     img, converted = open_rgb(data, str(path))
     resized = resize_policy(img, options.resize)
-    ext = path.suffix.lower().lstrip(".") or "img"
-    ext = {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext)
-    if resized is None and converted is None:
-        return data, ext, img, None
+    if resized is None and converted is None:  # the bytes' own format, whatever the file's name
+        return data, EXTENSIONS.get(img.format, "img"), img, None
     out = resized or img
     note = f"converted from {converted}" if converted else None
     if options.lossy_quality:
@@ -114,18 +131,18 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
         done = json.loads(rows_path.read_text())
         return tar_path.name, done["rows"], [Skipped(**s) for s in done["skipped"]]
     rows, skipped = [], []
-    tmp = tar_path.with_name(f".{tar_path.name}.tmp")
-    with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: reproducible shards
-        for rec in records:
-            try:
-                data, ext, img, note = stored_image(rec.path, options)
-            except BadImage as err:
-                skipped.append(Skipped(where=str(rec.path), reason=str(err).split(": ", 1)[-1]))
-                continue
-            meta = {"label": rec.label, "std": rec.std, "ref": rec.ref, "key": rec.key}
-            sink.write({"__key__": rec.key, ext: data, "json": meta})
-            rows.append(_row(rec, tar_path.name, ext, img, data, note))
-    os.replace(tmp, tar_path)
+    with _temporary(tar_path) as tmp:
+        with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: reproducible shards
+            for rec in records:
+                try:
+                    data, ext, img, note = stored_image(rec.path, options)
+                except BadImage as err:
+                    skipped.append(Skipped(where=str(rec.path), reason=str(err).split(": ", 1)[-1]))
+                    continue
+                meta = {"label": rec.label, "std": rec.std, "ref": rec.ref, "key": rec.key}
+                sink.write({"__key__": rec.key, ext: data, "json": meta})
+                rows.append(_row(rec, tar_path.name, ext, img, data, note))
+        os.replace(tmp, tar_path)
     _atomic_write_text(rows_path, json.dumps(
         {"rows": rows, "skipped": [dataclasses.asdict(s) for s in skipped]}))
     return tar_path.name, rows, skipped
@@ -140,11 +157,37 @@ def _row(rec: Record, shard: str, ext: str, img: Image.Image, data: bytes, note:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A new temporary file beside ``path`` (unique: slices write side by side), removed
+    unless the caller renamed it; what a kill -9 leaves, :func:`_remove_temporaries` clears."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str, exclusive: bool = False) -> bool:
+    """Write ``path`` whole or not at all. ``exclusive``: only if it does not exist yet,
+    atomically among concurrent writers (a hard link fails on an existing name)."""
+    with _temporary(path) as tmp:
+        tmp.write_text(text)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    return True
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Temporaries of killed runs; call only where no other run writes (not in slices)."""
+    for tmp in out.glob(f".*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_shards(records: list[Record], out: Path, dataset: str, options: PackOptions,
@@ -156,13 +199,26 @@ def write_shards(records: list[Record], out: Path, dataset: str, options: PackOp
     rows, skipped = [], []
     bar = tqdm(total=sum(len(j[2]) for j in jobs), unit="img", desc=f"pack {dataset}",
                disable=None)
-    with ProcessPoolExecutor(max_workers=max(1, workers)) if workers > 0 else _Inline() as pool:
+    pool = (ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
+                                initargs=(os.getpid(),)) if workers > 0 else _Inline())
+    with pool:
         for _, shard_rows, shard_skipped in pool.map(_write_shard, jobs):
             rows += shard_rows
             skipped += shard_skipped
             bar.update(len(shard_rows) + len(shard_skipped))
     bar.close()
     return rows, skipped
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: without it a worker outlives a killed pack, blocked forever on its pipe."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class _Inline:
@@ -210,10 +266,10 @@ def split_columns(rows: list[dict], info: DatasetInfo, options: PackOptions) -> 
 
 
 def write_manifest(rows: list[dict], out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.")
-    os.close(fd)
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, out / "manifest.parquet")
+    path = out / "manifest.parquet"
+    with _temporary(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, path)
 
 
 def read_manifest(shards: str | Path) -> list[dict]:
@@ -291,13 +347,96 @@ def verify(out: Path) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------- inputs record
+
+
+def inputs_record(dataset: str, root: Path, records: list[Record], skipped: list[Skipped],
+                  options: PackOptions) -> dict:
+    """What the shards are made from, and how many there will be: finished shards may be
+    reused only by a run with the same record, and a merge checks the slices against it."""
+    labels = [{k: v for k, v in dataclasses.asdict(r).items() if k != "path"} for r in records]
+    # sizes catch an image replaced under the same name without reading every image
+    images = [(str(r.path), _file_size(r.path)) for r in records]
+    return {"dataset": dataset, "root": str(root),
+            "labels": _digest([labels, [dataclasses.asdict(s) for s in skipped]]),
+            "images": _digest(images), "options": _shard_options(options),
+            "num_images": len(records), "num_shards": math.ceil(len(records) / options.shard_size),
+            "label_skipped": [dataclasses.asdict(s) for s in skipped]}
+
+
+def _shard_options(options: PackOptions) -> dict:
+    return {k: getattr(options, k) for k in SHARD_OPTIONS}
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # missing: reported when its shard is written
+        return None
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two records, in words; ``new`` may hold only some parts."""
+    out = [f"data set {old.get('dataset')} -> {new['dataset']}"] if old.get("dataset") != new["dataset"] else []
+    out += [f"{part} changed" for part in ("labels", "images") if part in new and old.get(part) != new[part]]
+    before = old.get("options", {})
+    changed = [f"{k} {before.get(k)} -> {v}" for k, v in new["options"].items() if before.get(k) != v]
+    return out + (["options: " + ", ".join(changed)] if changed else [])
+
+
+def recorded_inputs(out: Path) -> dict:
+    path = out / INPUTS
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PackError(f"{path}: not found; nothing was packed into {out} yet") from None
+    except (OSError, ValueError) as err:
+        raise PackError(f"{path}: unreadable ({err}); use --overwrite to rebuild") from None
+
+
+def _claim(out: Path, inputs: dict) -> None:
+    """Record this pack's inputs in ``out``, or check them against those of an earlier run
+    (or of a concurrent slice): the first writer wins, every later one must match."""
+    path = out / INPUTS
+    # the record is written before any shard: shards without one come from an older version
+    if not path.exists() and any(out.glob("*.rows.json")):
+        raise PackError(f"{out}: holds shards of an earlier pack that did not record its inputs; "
+                        "use --overwrite to rebuild")
+    if _atomic_write_text(path, json.dumps(inputs, indent=1), exclusive=True):
+        return
+    differences = _differences(recorded_inputs(out), inputs)
+    if differences:
+        raise PackError(f"{out}: packed from different inputs ({'; '.join(differences)}); "
+                        "use --overwrite to rebuild")
+
+
+def _remove_outputs(out: Path) -> None:
+    """Everything an earlier pack wrote into ``out`` (``--overwrite``); a demo's source stays."""
+    for pattern in ("*-[0-9][0-9][0-9][0-9][0-9].tar", "*-[0-9][0-9][0-9][0-9][0-9].rows.json",
+                    "manifest.parquet", "_info.json", "card.json", "card.md", "pack_report*.json",
+                    INPUTS, f".*{TMP_SUFFIX}"):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
 # ---------------------------------------------------------------- command line
 
 
 def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, workers: int = 2,
-         part: tuple[int, int] | None = None) -> dict:
-    """Pack a data set; returns the report. ``part`` writes one slice of the shards only."""
+         part: tuple[int, int] | None = None, overwrite: bool = False) -> dict:
+    """Pack a data set; returns the report. ``part`` writes one slice of the shards only;
+    ``overwrite`` rebuilds from scratch instead of continuing an earlier pack."""
+    sliced = part is not None and part[1] > 1
+    if overwrite and sliced:
+        raise PackError("--overwrite with --slice would remove the other slices' shards; "
+                        f"remove {out} before starting the array job again")
     out.mkdir(parents=True, exist_ok=True)
+    if not sliced:  # the only run writing here: clear what killed runs left
+        _remove_temporaries(out)
     if dataset == "demo":
         from .sources import demo
 
@@ -308,13 +447,16 @@ def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, worke
     records, skipped = reader.read(root)
     if not records:
         raise LayoutError(f"{root}: no labelled images found")
+    if overwrite:
+        _remove_outputs(out)
+    _claim(out, inputs_record(dataset, root, records, skipped, options))
     if options.shuffle:  # readers list synthetic sets reference by reference
         records = [records[i] for i in np.random.default_rng(options.seed).permutation(len(records))]
     rows, bad = write_shards(records, out, dataset, options, workers, part or (0, 1))
     skipped += bad
     report = {"dataset": dataset, "root": str(root), "packed": len(rows),
               "skipped": [dataclasses.asdict(s) for s in skipped]}
-    if part is None or part[1] == 1:
+    if not sliced:
         finish(rows, reader.info, options, root, out, len(skipped))
     _atomic_write_text(out / _report_name(part), json.dumps(report, indent=1))
     return report
@@ -338,19 +480,40 @@ def finish(rows: list[dict], info: DatasetInfo, options: PackOptions, root: Path
     _atomic_write_text(out / "card.md", card_markdown(c))
 
 
-def merge(dataset: str, root: Path, out: Path, options: PackOptions) -> dict:
-    """Join the slices written by ``--slice I/N`` jobs into one manifest and report."""
-    rows, skipped = [], []
-    for rows_file in sorted(out.glob(f"{dataset}-*.rows.json")):
-        done = json.loads(rows_file.read_text())
+def merge(dataset: str, out: Path, options: PackOptions) -> dict:
+    """Join the slices written by ``--slice I/N`` jobs into one manifest and report, once
+    every shard that the slices' inputs record promises is there."""
+    inputs = recorded_inputs(out)
+    differences = _differences(inputs, {"dataset": dataset, "options": _shard_options(options)})
+    if differences:
+        raise PackError(f"{out}: the slices were packed with other settings "
+                        f"({'; '.join(differences)}); merge with the slices' options")
+    rows, bad = [], []
+    for done in _finished_shards(out, dataset, inputs["num_shards"]):
         rows += done["rows"]
-        skipped += done["skipped"]
-    if not rows:
-        raise LayoutError(f"{out}: no finished shards to merge")
+        bad += done["skipped"]
+    if len(rows) + len(bad) != inputs["num_images"]:
+        raise PackError(f"{out}: the shards hold {len(rows) + len(bad)} of the "
+                        f"{inputs['num_images']} images that {INPUTS} records")
+    skipped = inputs["label_skipped"] + bad  # as one pack reports them: label rows, then images
+    _remove_temporaries(out)  # every slice is done: nothing writes here any more
+    root = Path(inputs["root"])
     finish(rows, get_reader(dataset).info, options, root, out, len(skipped))
     report = {"dataset": dataset, "root": str(root), "packed": len(rows), "skipped": skipped}
     _atomic_write_text(out / "pack_report.json", json.dumps(report, indent=1))
     return report
+
+
+def _finished_shards(out: Path, dataset: str, count: int) -> list[dict]:
+    """The rows files of shards 0..count-1, or a PackError naming those not finished."""
+    names = [shard_name(dataset, j) for j in range(count)]
+    missing = [n for n in names
+               if not ((out / n).exists() and (out / n).with_suffix(".rows.json").exists())]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise PackError(f"{out}: cannot merge, {len(missing)} of {count} shards missing ({shown}); "
+                        "run their --slice jobs again")
+    return [json.loads((out / n).with_suffix(".rows.json").read_text()) for n in names]
 
 
 # HyperIQA trains on KonIQ-10k at 512x384 (the size its authors also distribute); other
@@ -384,6 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="exit non-zero when more images than this were skipped")
     p.add_argument("--slice", help="I/N: write only every N-th shard starting at I (array jobs)")
     p.add_argument("--merge", action="store_true", help="join the slices' rows into the manifest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove what an earlier pack wrote to --out and pack again (default: "
+                        "continue it, refusing when its inputs or options differ)")
     p.add_argument("--verify", action="store_true", help="check the shards against the manifest")
     args = p.parse_args(argv)
     if args.resize is None:
@@ -398,20 +564,14 @@ def main(argv: list[str] | None = None) -> int:
                           rounds=args.rounds,
                           split=tuple(args.split))
     try:
-        if args.merge:
-            report = merge(args.dataset, args.root or args.out, args.out, options)
-        elif args.verify and args.root is None and args.dataset != "demo":
-            report = {"skipped": []}  # verify what is there, pack nothing
-        else:
-            part = tuple(int(x) for x in args.slice.split("/")) if args.slice else None
-            report = pack(args.dataset, args.root, args.out, options, args.workers, part)
+        report = _run(args, options)
+        problems = verify(args.out) if args.verify else []
     except (LayoutError, BadImage, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for s in report["skipped"]:
         print(f"skipped {s['where']}: {s['reason']}", file=sys.stderr)
     if args.verify:
-        problems = verify(args.out)
         for problem in problems:
             print(f"verify: {problem}", file=sys.stderr)
         print(f"verify: {'OK' if not problems else f'{len(problems)} problems'} in {args.out}")
@@ -425,6 +585,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _run(args: argparse.Namespace, options: PackOptions) -> dict:
+    """Merge, pack or nothing (a bare --verify); the report."""
+    if args.merge:
+        return merge(args.dataset, args.out, options)
+    if args.verify and args.root is None and args.dataset != "demo":
+        return {"skipped": []}  # verify what is there, pack nothing
+    part = tuple(int(x) for x in args.slice.split("/")) if args.slice else None
+    return pack(args.dataset, args.root, args.out, options, args.workers, part, args.overwrite)
 
 
 if __name__ == "__main__":

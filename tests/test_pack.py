@@ -256,3 +256,162 @@ def test_images_already_at_the_target_size_keep_their_bytes():
     assert resize_policy(Image.new("RGB", (512, 384)), "koniq") is None
     assert resize_policy(Image.new("RGB", (384, 512)), "koniq") is None
     assert resize_policy(Image.new("RGB", (1024, 768)), "koniq").size == (512, 384)
+
+
+# ---------------------------------------------------------------- bad input and faults (#11)
+
+
+def _csv_args(root, out, *extra):
+    return ["--dataset", "csv", "--root", str(root), "--out", str(out), "--workers", "0",
+            "--rounds", "1", *extra]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def _edit_labels(root, edit):
+    lines = (root / "labels.csv").read_text().splitlines()
+    edit(lines)
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_repack_with_other_inputs_is_refused_until_overwrite(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=4, per_ref=2)
+    out = tmp_path / "out"
+    args = _csv_args(root, out, "--shard_size", "1")
+    assert main(args) == 0
+    refused = f"error: {out}: packed from different inputs"
+    assert main([*args, "--resize", "short:128"]) == 2
+    assert _error_line(capsys) == f"{refused} (options: resize none -> short:128); use --overwrite to rebuild"
+    name, _, ref = (root / "labels.csv").read_text().splitlines()[1].split(",")
+    _edit_labels(root, lambda lines: lines.__setitem__(1, f"{name},55.5,{ref}"))
+    assert main(args) == 2
+    assert _error_line(capsys) == f"{refused} (labels changed); use --overwrite to rebuild"
+    _edit_labels(root, lambda lines: lines.pop(2))
+    assert main([*args, "--no_shuffle"]) == 2
+    assert _error_line(capsys) == (f"{refused} (labels changed; images changed; options: shuffle True -> "
+                                   "False); use --overwrite to rebuild")
+    assert main([*args, "--resize", "short:128", "--overwrite", "--verify"]) == 0
+    rows = {r["key"]: r for r in _manifest(out)}
+    assert len(rows) == len(list(out.glob("*.tar"))) == 7 and rows[Path(name).stem]["label"] == 55.5
+    assert all(min(r["width"], r["height"]) == 128 for r in rows.values())
+    assert main([*args, "--resize", "short:128"]) == 0  # the same inputs again: continues
+    (out / "pack_inputs.json").unlink()  # as an older version left its shards
+    assert main([*args, "--resize", "short:128"]) == 2
+    assert _error_line(capsys) == (f"error: {out}: holds shards of an earlier pack that did not "
+                                   "record its inputs; use --overwrite to rebuild")
+
+
+def test_merge_refuses_missing_shards_and_other_options(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=5, per_ref=2)
+    out = tmp_path / "out"
+    args = _csv_args(root, out, "--shard_size", "3")  # 10 images: 4 shards, slice 0 writes 0 and 3
+    for i in (0, 2):
+        assert main([*args, "--slice", f"{i}/3"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--merge", "--verify"]) == 2
+    assert _error_line(capsys) == (f"error: {out}: cannot merge, 1 of 4 shards missing (csv-00001.tar); "
+                                   "run their --slice jobs again")
+    assert not (out / "manifest.parquet").exists()
+    assert main([*args, "--slice", "1/3", "--seed", "1"]) == 2
+    assert "packed from different inputs (options: seed 0 -> 1)" in _error_line(capsys)
+    assert main([*args, "--slice", "1/3", "--overwrite"]) == 2
+    assert "--overwrite with --slice" in _error_line(capsys)
+    assert main([*args, "--slice", "1/3"]) == 0
+    (out / "csv-00003.tar").unlink()
+    capsys.readouterr()
+    assert main([*args, "--merge"]) == 2
+    assert "1 of 4 shards missing (csv-00003.tar)" in _error_line(capsys)
+    assert main([*args, "--slice", "0/3"]) == 0
+    assert main([*args, "--merge", "--seed", "1"]) == 2
+    assert _error_line(capsys) == (f"error: {out}: the slices were packed with other settings "
+                                   "(options: seed 0 -> 1); merge with the slices' options")
+    assert main([*args, "--merge", "--verify"]) == 0 and len(_manifest(out)) == 10
+
+
+def test_verify_without_a_manifest_is_one_line(tmp_path, capsys):
+    out = tmp_path / "never_packed"
+    assert main(["--dataset", "csv", "--out", str(out), "--verify"]) == 2
+    assert _error_line(capsys) == (f"error: {out / 'manifest.parquet'}: no manifest; pack the data set "
+                                   "first (python -m iqa_dist.pack)")
+
+
+def test_workers_die_with_a_killed_pack(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    root = make_csv_set(tmp_path / "src", n_refs=3, per_ref=2)
+    os.mkfifo(root / "img" / "fifo.png")  # reading it blocks a worker until it is killed
+    with open(root / "labels.csv", "a") as f:
+        f.write("img/fifo.png,50,r9\n")
+    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.pack", *_csv_args(root, tmp_path / "out"),
+                             "--shard_size", "1", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        # 7 one-image shards: one worker blocks on the fifo, the other finishes 6 and waits for work
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and \
+                len(list((tmp_path / "out").glob("*.rows.json"))) < 6:
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert proc.poll() is None and len(children) == 2
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        for p in [*children, proc]:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.wait(timeout=10)
+
+
+def test_odd_names_and_labels_in_labels_csv(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=2, per_ref=2)
+    png = root / "img" / "png.jpg"  # a PNG named .jpg
+    png.write_bytes((root / "img" / "r0_d0.png").read_bytes())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes((root / "img" / "r0_d1.png").read_bytes())
+    (root / "img" / "inf.png").write_bytes(outside.read_bytes())
+    with open(root / "labels.csv", "a", newline="") as f:
+        csv.writer(f).writerows([["img/png.jpg", 40, "p"], ["../outside.png", 41, "o"],
+                                 [str(outside), 42, "a"], ["img/inf.png", "inf", "i"]])
+    out = tmp_path / "out"
+    assert main(_csv_args(root, out, "--max_bad", "3", "--verify")) == 0
+    err = capsys.readouterr().err.splitlines()
+    labels = root / "labels.csv"
+    assert err == [f"skipped {labels}:7: image name '../outside.png' leaves the data set folder",
+                   f"skipped {labels}:8: image name '{outside}' leaves the data set folder",
+                   f"skipped {labels}:9: label 'inf' is infinite"]
+    row = {r["key"]: r for r in _manifest(out)}["png"]
+    assert row["format"] == "png"
+    import tarfile
+    with tarfile.open(out / row["shard"]) as tar:
+        assert tar.extractfile("png.png").read() == png.read_bytes()
+
+
+def test_interrupted_writes_leave_no_temporaries(tmp_path, monkeypatch):
+    root = make_csv_set(tmp_path / "src", n_refs=3, per_ref=2)
+    out = tmp_path / "out"
+    args = _csv_args(root, out, "--shard_size", "2")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pq, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not list(out.glob(".*"))
+    monkeypatch.undo()
+    # what kill -9 leaves while a shard and the manifest are written
+    for name in (".csv-00000.tar.k2j4x9ab.tmp", ".manifest.parquet.q8w7e6rt.tmp"):
+        (out / name).touch()
+    assert main(args) == 0 and not list(out.glob(".*"))
+    for i in range(2):
+        assert main([*args, "--slice", f"{i}/2"]) == 0
+    (out / ".manifest.parquet.z1x2c3vb.tmp").touch()
+    assert main([*args, "--merge"]) == 0 and not list(out.glob(".*"))

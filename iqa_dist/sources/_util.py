@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,15 +61,35 @@ def synthetic_parts(name: str) -> tuple[str, str, int] | None:
     return (match[1], match[2], int(match[3])) if match else None
 
 
-def number(value: Any) -> float | None:
-    """A finite float from a cell or token; None for blanks, text and NaN."""
+def _float(value: Any) -> float | None:
+    """A float from a cell or token, NaN and infinities included; None for blanks and text."""
     if isinstance(value, bool):
         return None
     try:
-        out = float(value.strip() if isinstance(value, str) else value)
+        return float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         return None
-    return out if math.isfinite(out) else None
+
+
+def number(value: Any) -> float | None:
+    """A finite float from a cell or token; None for blanks, text, NaN and infinities."""
+    out = _float(value)
+    return out if out is not None and math.isfinite(out) else None
+
+
+def _label_problem(label: Any) -> str:
+    """Why ``label`` is no usable label, in a few words."""
+    if (value := _float(label)) is not None and math.isinf(value):
+        return f"label {label!r} is infinite"
+    # NaN is how MATLAB files leave a label out
+    text = isinstance(label, str) and label.strip()
+    return f"label {label!r} is not a number" if text else "missing label"
+
+
+def leaves_root(name: str) -> bool:
+    """Whether an image name from a label file points outside the data set's folder
+    (``../x.jpg``, ``/data/x.jpg``): a label file must not pull in arbitrary files."""
+    return os.path.isabs(name) or os.path.normpath(name).split("/", 1)[0] == ".."
 
 
 def integer(value: Any) -> int | None:
@@ -104,9 +125,7 @@ class Collector:
             return self.skip(row, "empty image name")
         value = number(label)
         if value is None:
-            # NaN is how MATLAB files leave a label out
-            text = isinstance(label, str) and label.strip()
-            return self.skip(row, f"label {label!r} is not a number" if text else "missing label")
+            return self.skip(row, _label_problem(label))
         key = key or make_key(name)
         if not key:
             return self.skip(row, f"no usable key in the name {name!r}")

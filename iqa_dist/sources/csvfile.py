@@ -3,7 +3,8 @@
 Header columns: ``name`` (image path relative to the root) and ``mos`` are required;
 ``std``, ``ref`` (reference id: the split unit; without it every image is its own),
 ``split`` (train/val/test, an official split), ``distortion`` and ``level`` are optional.
-Optional values that do not parse are left empty; an unknown split skips the row.
+Optional values that do not parse are left empty; an unknown split, or a name that leaves
+the root (``../x.jpg``, an absolute path), skips the row.
 
 A csv says nothing of its label's direction or scale: higher is taken as better, and
 the scale on the card is the range of the labels read.
@@ -14,7 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from . import DatasetInfo, Reader, Record, Skipped, register
-from ._util import SPLIT_NAMES, Collector, csv_rows, integer
+from ._util import SPLIT_NAMES, Collector, csv_rows, integer, leaves_root
 
 LABELS = "labels.csv"
 
@@ -28,6 +29,9 @@ def read(root: Path) -> tuple[list[Record], list[Skipped]]:
             out.skip(line, f"unknown split {row['split']!r} (use train, val or test)")
             continue
         name = row["name"]
+        if leaves_root(name):
+            out.skip(line, f"image name {name!r} leaves the data set folder")
+            continue
         out.add(line, name, row["mos"], root / name, std=row.get("std"),
                 ref=row.get("ref") or None, distortion=row.get("distortion") or None,
                 level=integer(row.get("level")), split=SPLIT_NAMES.get(split))
