@@ -212,7 +212,7 @@ def train_step_fn(model: nn.Module, cfg: Config, accelerator: Any, images: torch
     scheduler = build_scheduler(optimizer, cfg, 1_000_000)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainer = SimpleNamespace(accelerator=accelerator, cfg=cfg, model=model, optimizer=optimizer,
-                              scheduler=scheduler)
+                              scheduler=scheduler, forward=model, channels_last=False)
     return lambda: Trainer.train_step(trainer, images, labels)
 
 

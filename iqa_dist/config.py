@@ -55,7 +55,8 @@ class Config:
     warmup_epochs: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else no) | no | bf16 | fp16
+    compile: bool = False  # torch.compile the model for training
     # -- early stopping and selection (validation split only)
     early_stopping: bool = True
     patience: int = 5
@@ -91,7 +92,7 @@ _CHOICES = {
     "optimizer": ("adamw", "adam"),
     "lr_scheduler": ("cosine", "step", "hyperiqa", "none"),
     "lr_scale": ("none", "linear", "sqrt"),
-    "mixed_precision": ("no", "bf16", "fp16"),
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)

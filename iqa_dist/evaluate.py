@@ -189,7 +189,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, help="crops per forward pass (default: the trained config's)")
     p.add_argument("--test_patch_num", type=int, help="crops per image (default: the trained config's)")
     p.add_argument("--workers", type=int, help="data loader processes per rank (default: the trained config's)")
-    p.add_argument("--mixed_precision", default="no", choices=("no", "bf16", "fp16"))
+    p.add_argument("--mixed_precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
+                   help="auto: bf16 on GPUs that have it, else fp32")
     return p.parse_args(argv)
 
 

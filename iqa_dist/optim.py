@@ -32,8 +32,10 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.optimizer](param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: Config, fused: bool = False) -> torch.optim.Optimizer:
+    """``fused``: one kernel for the whole update (on GPUs; the parameters must be there)."""
+    return OPTIMIZERS[cfg.optimizer](param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=fused or None)
 
 
 def is_hyper(group: dict) -> bool:

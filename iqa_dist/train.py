@@ -62,7 +62,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # On CPU, an explicit gloo backend: without it Accelerate leaves the process group
     # unset and DeepSpeed believes it is alone. cpu=True would switch DeepSpeed off.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and several else []
-    accelerator = Accelerator(cpu=no_gpu and not deepspeed, mixed_precision=cfg.mixed_precision,
+    accelerator = Accelerator(cpu=no_gpu and not deepspeed, mixed_precision=precision(cfg, gpu=not no_gpu),
                               gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # we prepare no data loader, so DeepSpeed's "auto" values need us
@@ -72,6 +72,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = cfg.grad_clip
     return accelerator
+
+
+def precision(cfg: Config, gpu: bool) -> str:
+    """``auto``: what ``accelerate launch`` was told, else bf16 autocast on GPUs that have
+    it (Ampere and later), else fp32."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    return launcher or ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no")
 
 
 def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -93,10 +102,12 @@ def set_determinism(cfg: Config) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)  # same initial weights on every rank
+    # TF32 matmuls, and convolution algorithms tuned per shape unless determinism is asked
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 class StopFlag:
@@ -152,10 +163,14 @@ class Trainer:
                 raise ConfigError(f"max_steps_per_epoch {cfg.max_steps_per_epoch} is not a whole number "
                                   f"of grad_accum {cfg.grad_accum} cycles")
             self.steps = min(self.steps, cfg.max_steps_per_epoch)
+        device, plain = self.accelerator.device, self.accelerator.state.deepspeed_plugin is None
         model = model_from_config(cfg, pretrained=True)
-        optimizer = build_optimizer(model, cfg)
+        self.channels_last = device.type == "cuda" and not model.backbone.spec.nhwc  # CNNs run faster NHWC
+        model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        optimizer = build_optimizer(model, cfg, fused=device.type == "cuda" and plain)
         self.scheduler = build_scheduler(optimizer, cfg, max(1, self.steps // cfg.grad_accum))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.loader = train_loader(self.train_split, patch_num=cfg.train_patch_num,
                                    patch_size=cfg.patch_size, batch_size=cfg.batch_size,
                                    seed=cfg.seed, rank=self.accelerator.process_index,
@@ -241,10 +256,11 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         acc, cfg = self.accelerator, self.cfg
         dtype = next(self.model.parameters()).dtype  # DeepSpeed bf16 casts the model, not inputs
-        images, labels = to_model_input(images, acc.device, dtype), labels.to(acc.device)
+        images = to_model_input(images, acc.device, dtype, channels_last=self.channels_last)
+        labels = labels.to(acc.device, non_blocking=True)
         with acc.accumulate(self.model):
             with acc.autocast():
-                preds = self.model(images).float()
+                preds = self.forward(images).float()
             loss = iqa_loss(preds, labels, alpha=cfg.ranking_loss_alpha, margin=cfg.ranking_loss_margin)
             acc.backward(loss)
             if acc.sync_gradients and cfg.grad_clip > 0 and acc.state.deepspeed_plugin is None:
