@@ -56,7 +56,7 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else no) | no | bf16 | fp16
-    compile: bool = False  # torch.compile the model for training
+    compile: str = "none"  # torch.compile backend for training: none | inductor | aot_eager (no codegen)
     # -- early stopping and selection (validation split only)
     early_stopping: bool = True
     patience: int = 5
@@ -93,6 +93,7 @@ _CHOICES = {
     "lr_scheduler": ("cosine", "step", "hyperiqa", "none"),
     "lr_scale": ("none", "linear", "sqrt"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "compile": ("none", "inductor", "aot_eager"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)

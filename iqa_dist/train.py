@@ -170,7 +170,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg, fused=device.type == "cuda" and plain)
         self.scheduler = build_scheduler(optimizer, cfg, max(1, self.steps // cfg.grad_accum))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = self.model if cfg.compile == "none" else torch.compile(self.model, backend=cfg.compile)
         self.loader = train_loader(self.train_split, patch_num=cfg.train_patch_num,
                                    patch_size=cfg.patch_size, batch_size=cfg.batch_size,
                                    seed=cfg.seed, rank=self.accelerator.process_index,

@@ -312,3 +312,36 @@ def test_optimizer_choice(name, cls, decoupled):
     assert type(optimizer) is cls and optimizer.defaults["decoupled_weight_decay"] is decoupled
     assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups} == {
         "backbone": 5e-4, "backbone_no_decay": 0.0, "hyper": 5e-4, "hyper_no_decay": 0.0}
+
+
+def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypatch):
+    """torch.compile traces the whole model (dynamo and AOT autograd; aot_eager skips only
+    the code generation that takes minutes on a CPU): the same losses step by step."""
+    real_step, losses = Trainer.train_step, {}
+
+    def record(self, images, labels):
+        loss = real_step(self, images, labels)
+        losses.setdefault(self.cfg.compile, []).append(loss)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", record)
+    for backend in ("none", "aot_eager"):
+        train(machinery_config(small_shards, tmp_path / backend, epochs=1, compile=backend))
+    assert len(losses["aot_eager"]) == MACHINERY["max_steps_per_epoch"]
+    assert losses["aot_eager"] == pytest.approx(losses["none"], rel=1e-4)
+
+
+@pytest.mark.parametrize("asked, launcher, gpu, bf16, resolved", [
+    ("auto", None, False, False, "no"),
+    ("auto", None, True, True, "bf16"),
+    ("auto", None, True, False, "no"),  # pre-Ampere GPUs: fp32 unless fp16 is asked
+    ("auto", "fp16", True, True, "fp16"),  # accelerate launch --mixed_precision wins
+    ("no", None, True, True, "no"),
+])
+def test_mixed_precision_auto(asked, launcher, gpu, bf16, resolved, monkeypatch):
+    from iqa_dist.train import precision
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if launcher:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    assert precision(Config(mixed_precision=asked), gpu=gpu) == resolved
