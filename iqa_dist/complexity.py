@@ -1,7 +1,11 @@
 """Model complexity: parameters, FLOPs, latency, throughput, and the cost of scoring an image.
 
-    python -m iqa_dist.complexity --model_size tiny small base resnet50 --out complexity.md
+    python -m iqa_dist.complexity --model_size tiny                 # seconds: params, FLOPs, latency
+    python -m iqa_dist.complexity --full --out complexity.md         # + throughput at batch 1, 8, 32
     python -m iqa_dist.complexity --model_size micro --batch_sizes 1 4 --iters 3 --warmup 1
+
+By default the report is quick: parameters, FLOPs and the batch-1 latency over a few runs.
+``--full`` (or ``--batch_sizes``) adds throughput at each batch size, with more runs.
 
 FLOPs are counted by PyTorch's own ``torch.utils.flop_counter.FlopCounterMode``, which
 counts a multiply-add as 2 FLOPs (FLOPs = 2 x MACs; papers that say "FLOPs" often mean
@@ -19,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from tqdm import tqdm
 
 from .models import MODEL_SIZES, create_model
 from .models.hyperiqa import PATCH
@@ -53,12 +59,14 @@ def model_flops(model: nn.Module, device: torch.device) -> dict[str, int]:
 
 @torch.inference_mode()
 def measure_speed(model: nn.Module, device: torch.device, batch_sizes: list[int], iters: int,
-                  warmup: int) -> dict:
+                  warmup: int, progress: tqdm | None = None) -> dict:
     """Batch-1 latency statistics and patches/s at each batch size."""
     one = torch.randn(1, 3, PATCH, PATCH, device=device)
     latency = time_stats_ms(time_calls(lambda: model(one), iters, warmup, device))
     throughput = {}
     for bs in batch_sizes:
+        if progress is not None:
+            progress.set_postfix_str(f"batch {bs}")
         x = torch.randn(bs, 3, PATCH, PATCH, device=device)
         seconds = time_calls(lambda: model(x), iters, warmup, device)
         throughput[bs] = bs / float(seconds.mean())
@@ -75,12 +83,13 @@ def build(size: str, fusion: str) -> tuple[nn.Module, str]:
 
 
 def profile(size: str, fusion: str, device: torch.device, batch_sizes: list[int], iters: int,
-            warmup: int, patch_num: int) -> dict:
+            warmup: int, patch_num: int, progress: tqdm | None = None) -> dict:
     model, fusion = build(size, fusion)
     model.to(device)
     params, flops = count_parameters(model), model_flops(model, device)
-    speed = measure_speed(model, device, batch_sizes, iters, warmup)
-    best = max(speed["throughput"].values())
+    speed = measure_speed(model, device, batch_sizes, iters, warmup, progress)
+    # with no throughput sweep, an image costs its patches at the batch-1 latency
+    best = max(speed["throughput"].values(), default=1000 / speed["latency"]["mean_ms"])
     del model
     return {"model": size, "fusion": fusion, "params": params, "flops": flops, **speed,
             "image": {"patches": patch_num, "gflops": flops["total"] * patch_num / 1e9,
@@ -129,7 +138,7 @@ def report(results: list[dict], device: torch.device, iters: int, warmup: int) -
         "## Latency at batch 1 (ms)", "", markdown_table([_latency_row(r) for r in results]), "",
         "## Cost per image", "",
         "An image's score is the mean over its test patches; batched = patches at the best "
-        "measured throughput.", "", markdown_table([_image_row(r) for r in results]), ""])
+        "measured throughput (batch 1 without `--full` or `--batch_sizes`).", "", markdown_table([_image_row(r) for r in results]), ""])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,15 +147,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    choices=MODEL_SIZES)
     p.add_argument("--fusion", default="concat", choices=FUSIONS,
                    help="hyper-network input of the Swin models (ResNet-50 is always single)")
-    p.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--full", action="store_true",
+                   help="throughput at batch 1, 8 and 32 over 20 runs (default: batch-1 latency, 3 runs)")
+    p.add_argument("--batch_sizes", nargs="+", type=int, help="throughput at these batch sizes")
     p.add_argument("--test_patch_num", type=int, default=20, help="patches per image (default 20)")
     p.add_argument("--device", default=default_device())
-    p.add_argument("--iters", type=int, default=20, help="timed runs per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    p.add_argument("--iters", type=int, help="timed runs per measurement (default 3, --full 20)")
+    p.add_argument("--warmup", type=int, help="untimed runs before timing (default 1, --full 5)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="write the Markdown report here")
     args = p.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or min(args.batch_sizes) < 1 or args.test_patch_num < 1:
+    full = dict(batch_sizes=[1, 8, 32], iters=20, warmup=5) if args.full else dict(batch_sizes=[], iters=3, warmup=1)
+    for key, value in full.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.iters < 1 or args.warmup < 0 or min(args.batch_sizes, default=1) < 1 or args.test_patch_num < 1:
         p.error("--iters, --batch_sizes and --test_patch_num must be positive, --warmup not negative")
     return args
 
@@ -160,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
-    for size in args.model_size:
-        print(f"profiling {size} ...", file=sys.stderr, flush=True)
-        results.append(profile(size, args.fusion, device, args.batch_sizes, args.iters, args.warmup,
-                               args.test_patch_num))
+    with tqdm(args.model_size, desc="profiling", unit="model", file=sys.stderr) as progress:
+        for size in progress:
+            progress.set_postfix_str(size)
+            results.append(profile(size, args.fusion, device, args.batch_sizes, args.iters, args.warmup,
+                                   args.test_patch_num, progress))
     text = report(results, device, args.iters, args.warmup)
     print(text)
     if args.out:

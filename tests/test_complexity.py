@@ -49,6 +49,16 @@ def test_report_is_written(tmp_path, capsys):
     assert text.strip() in capsys.readouterr().out
 
 
+def test_default_report_is_quick_and_full_adds_throughput(capsys):
+    assert main(["--model_size", "micro", "--device", "cpu"]) == 0
+    quick = capsys.readouterr()
+    assert "latency ms (bs 1)" in quick.out and "patches/s bs" not in quick.out
+    assert "3 timed runs" in quick.out and "profiling" in quick.err  # the progress bar
+    assert main(["--model_size", "micro", "--device", "cpu", "--full", "--iters", "1", "--warmup", "0"]) == 0
+    full = capsys.readouterr().out
+    assert all(f"patches/s bs {bs}" in full for bs in (1, 8, 32))
+
+
 @pytest.mark.parametrize("argv", [["--iters", "0"], ["--model_size", "huge"]])
 def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit) as exc:
