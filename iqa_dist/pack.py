@@ -427,9 +427,10 @@ def _remove_outputs(out: Path) -> None:
 
 
 def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, workers: int = 2,
-         part: tuple[int, int] | None = None, overwrite: bool = False) -> dict:
+         part: tuple[int, int] | None = None, overwrite: bool = False, **reader_options: Any) -> dict:
     """Pack a data set; returns the report. ``part`` writes one slice of the shards only;
-    ``overwrite`` rebuilds from scratch instead of continuing an earlier pack."""
+    ``overwrite`` rebuilds from scratch instead of continuing an earlier pack;
+    ``reader_options`` go to the reader (``image_root`` for csv)."""
     sliced = part is not None and part[1] > 1
     if overwrite and sliced:
         raise PackError("--overwrite with --slice would remove the other slices' shards; "
@@ -444,7 +445,10 @@ def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, worke
     if root is None:
         raise LayoutError("--root is required for every data set but demo")
     reader = get_reader(dataset)
-    records, skipped = reader.read(root)
+    unknown = sorted(set(reader_options) - set(reader.options))
+    if unknown:
+        raise LayoutError(f"--{unknown[0]} does not apply to --dataset {dataset}")
+    records, skipped = reader.read(root, **reader_options)
     if not records:
         raise LayoutError(f"{root}: no labelled images found")
     if overwrite:
@@ -528,6 +532,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="koniq-10k, livec, spaq, csiq, tid2013, kadid-10k, live, csv or demo")
     p.add_argument("--root", type=Path, help="the data set as downloaded (demo: where to build it)")
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. shards/NAME")
+    p.add_argument("--image_root", type=Path,
+                   help="csv: the folder the label file's names are relative to (default: --root)")
     p.add_argument("--resize",
                    help="none (original pixels), koniq (512x384 by orientation), koniq-faithful "
                         "(the original's 384x512), or short:N (short side N); default: koniq for "
@@ -594,7 +600,9 @@ def _run(args: argparse.Namespace, options: PackOptions) -> dict:
     if args.verify and args.root is None and args.dataset != "demo":
         return {"skipped": []}  # verify what is there, pack nothing
     part = tuple(int(x) for x in args.slice.split("/")) if args.slice else None
-    return pack(args.dataset, args.root, args.out, options, args.workers, part, args.overwrite)
+    reader_options = {"image_root": args.image_root} if args.image_root else {}
+    return pack(args.dataset, args.root, args.out, options, args.workers, part, args.overwrite,
+                **reader_options)
 
 
 if __name__ == "__main__":

@@ -415,3 +415,21 @@ def test_interrupted_writes_leave_no_temporaries(tmp_path, monkeypatch):
         assert main([*args, "--slice", f"{i}/2"]) == 0
     (out / ".manifest.parquet.z1x2c3vb.tmp").touch()
     assert main([*args, "--merge"]) == 0 and not list(out.glob(".*"))
+
+
+def test_csv_names_relative_to_an_image_root(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=2, per_ref=2)
+    labels = root / "labels.csv"
+    labels.write_text(labels.read_text().replace("img/", ""))  # 00001.jpg-style names
+    out = tmp_path / "out"
+    assert main(_csv_args(root, out, "--image_root", "img", "--verify")) == 0
+    assert sorted(r["key"] for r in _manifest(out)) == ["r0_d0", "r0_d1", "r1_d0", "r1_d1"]
+    # without it the names miss, and a reader without the option refuses it in one line
+    assert main(_csv_args(root, tmp_path / "none")) == 1
+    assert f"skipped {root / 'r0_d0.png'}: missing" in capsys.readouterr().err
+    assert main(["--dataset", "koniq-10k", "--root", str(root), "--out", str(tmp_path / "k"),
+                 "--image_root", "img"]) == 2
+    assert main(_csv_args(root, tmp_path / "gone", "--image_root", "nowhere")) == 2
+    err = capsys.readouterr().err
+    assert "--image_root does not apply to --dataset koniq-10k" in err
+    assert f"{root / 'nowhere'}: no such image folder" in err

@@ -46,7 +46,8 @@ class DatasetInfo:
 @dataclass
 class Reader:
     info: DatasetInfo
-    read: Callable[[Path], tuple[list[Record], list[Skipped]]]
+    read: Callable[..., tuple[list[Record], list[Skipped]]]  # (root, **reader options)
+    options: tuple[str, ...] = ()  # the reader options it takes (pack's --image_root for csv)
     notes: list[str] = field(default_factory=list)
 
 
