@@ -1,17 +1,20 @@
 """Benchmarks of the claims the design rests on, each against its reference.
 
-    python -m iqa_dist.bench data  [--shards shards/demo --patch_num 20 --workers 2 --images 64]
+    python -m iqa_dist.bench data  [--shards DIR --patch_num 20 --workers 2 --images 64]
     python -m iqa_dist.bench step  [--model_size tiny --batch_size 32 --iters 5]
     python -m iqa_dist.bench ddp   [--model_size micro --batch_size 8 --iters 10]
-    python -m iqa_dist.bench eval  [--checkpoint RUN --shards shards/demo --images 32]
+    python -m iqa_dist.bench eval  [--checkpoint RUN --shards DIR --images 32]
     python -m iqa_dist.bench sweep
 
 Each prints a table and whether its target was met (``--json PATH`` also writes it).
+Without ``--shards``, ``data`` and ``eval`` build a KonIQ-10k-like set first: photographs
+as JPEGs of KonIQ's 1024x768, packed at 512x384 as KonIQ is (``--resize koniq``).
 Speeds depend on the machine and its load: these are measurements, not tests.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -59,6 +62,47 @@ def target(text: str, value: float, met: bool) -> str:
 
 
 # ---------------------------------------------------------------- images for the data and eval benches
+
+
+KONIQ_SIZE = (1024, 768)  # KonIQ-10k's released images
+COLOUR_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                 "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+
+
+def koniq_like(root: Path, n: int, seed: int = 0) -> Path:
+    """``n`` KonIQ-sized JPEGs (quality 90) cut from scikit-image's colour photographs,
+    packed as KonIQ-10k is; returns the packed set. Decoding real 1024x768 JPEGs is what
+    a loader spends its time on, which the demo's small PNG tiles do not show."""
+    from .pack import PackOptions, pack
+    from .sources.demo import _photo
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    photos = [_photo(name) for name in COLOUR_PHOTOS]
+    with open(root / "labels.csv", "w") as f:
+        f.write("name,mos\n")
+        for i in range(n):
+            img = photos[i % len(photos)]
+            w, h = img.size
+            cw = int(min(w, h * 4 / 3) * rng.uniform(0.6, 1.0))  # a 4:3 view of the photograph
+            x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - cw * 3 // 4 + 1)
+            view = img.crop((x, y, x + cw, y + cw * 3 // 4)).resize(KONIQ_SIZE, Image.Resampling.BICUBIC)
+            view.save(root / "images" / f"{i:05d}.jpg", quality=90)
+            f.write(f"images/{i:05d}.jpg,{rng.uniform(1, 100):.2f}\n")
+    pack("csv", root, root / "shards", PackOptions(resize="koniq", rounds=1), workers=0)
+    return root / "shards"
+
+
+@contextlib.contextmanager
+def bench_images(args: argparse.Namespace) -> Iterator[Path]:
+    """The packed set to read: ``--shards``, or a KonIQ-like set built for this run."""
+    if args.shards:
+        yield args.shards
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"building {args.images} KonIQ-sized JPEGs (--shards to use a packed set) ...",
+              file=sys.stderr, flush=True)
+        yield koniq_like(Path(tmp), args.images)
 
 
 def sample_split(shards: Path, n: int) -> tuple[Split, list[dict]]:
@@ -160,7 +204,23 @@ def decode_once_bound(split: Split, patch_num: int, batch_size: int, parallel: i
 
 
 def bench_data(args: argparse.Namespace) -> Result:
-    split, rows = sample_split(args.shards, args.images)
+    with bench_images(args) as shards:
+        return _bench_data(args, *sample_split(shards, args.images))
+
+
+def ours_rate(split: Split, args: argparse.Namespace, workers: int) -> tuple[int, float]:
+    """(patches, patches/s) of the training loader: the median over ``--passes`` epochs,
+    each timed from its first batch (worker start-up and buffer filling excluded)."""
+    loader = train_loader(split, patch_num=args.patch_num, patch_size=PATCH, batch_size=args.batch_size,
+                          seed=0, rank=0, world=1, workers=workers, shuffle_buffer=args.shuffle_buffer)
+    runs = []
+    for epoch in range(args.passes):
+        loader.dataset.set_epoch(epoch)
+        runs.append(timed_patches(loader))
+    return runs[0][0], float(np.median([n / s for n, s in runs]))
+
+
+def _bench_data(args: argparse.Namespace, split: Split, rows: list[dict]) -> Result:
     total = len(rows) * args.patch_num
     if total < 2 * args.batch_size:  # the first batch is not timed
         raise ConfigError(f"{len(rows)} images x {args.patch_num} patches: fewer than two batches")
@@ -168,25 +228,26 @@ def bench_data(args: argparse.Namespace) -> Result:
         ref = reference_dataset(split, rows, Path(tmp), args.patch_num, flip=True)
         ref_n, ref_s = timed_patches(DataLoader(ref, batch_size=args.batch_size, shuffle=True,
                                                 num_workers=args.workers))
-    loader = train_loader(split, patch_num=args.patch_num, patch_size=PATCH, batch_size=args.batch_size,
-                          seed=0, rank=0, world=1, workers=args.workers, shuffle_buffer=args.shuffle_buffer)
-    ours_n, ours_s = timed_patches(islice(loader, total // args.batch_size))
-    parallel = max(1, min(args.workers, os.cpu_count() or 1))
-    bound = decode_once_bound(split, args.patch_num, args.batch_size, parallel)
-    ref_rate, ours_rate = ref_n / ref_s, ours_n / ours_s
-    rows_out = [{"loader": "reference (decode + resize per patch)", "patches": ref_n, "seconds": ref_s,
+    serial, parallel = ours_rate(split, args, 0), ours_rate(split, args, args.workers)
+    cores = max(1, min(args.workers, len(os.sched_getaffinity(0))))
+    bound = decode_once_bound(split, args.patch_num, args.batch_size, cores)
+    ref_rate = ref_n / ref_s
+    rows_out = [{"loader": f"reference (decode + resize per patch), {args.workers} workers", "patches": ref_n,
                  "patches/s": ref_rate},
-                {"loader": "ours (TrainPatches, decode once)", "patches": ours_n, "seconds": ours_s,
-                 "patches/s": ours_rate},
-                {"loader": f"decode-once bound ({parallel} core(s))", "patches": "", "seconds": "",
-                 "patches/s": bound["patches_s"]}]
-    speedup, to_bound = ours_rate / ref_rate, bound["patches_s"] / ours_rate
+                {"loader": "ours (decode once), in process", "patches": serial[0], "patches/s": serial[1]},
+                {"loader": f"ours (decode once), {args.workers} workers", "patches": parallel[0],
+                 "patches/s": parallel[1]},
+                {"loader": f"decode-once bound ({cores} core(s))", "patches": "", "patches/s": bound["patches_s"]}]
+    speedup, to_bound, scaling = parallel[1] / ref_rate, bound["patches_s"] / parallel[1], parallel[1] / serial[1]
     note = "" if args.patch_num == 20 else f" (measured at {args.patch_num})"
-    return Result("data", rows_out, [
-        target(f"ours / reference >= 10x at 20 patches/image{note}", speedup, speedup >= 10),
-        target("bound / ours <= 1.5x", to_bound, to_bound <= 1.5)],
-        {"images": len(rows), "patch_num": args.patch_num, "workers": args.workers,
-         "speedup": speedup, "bound_over_ours": to_bound, **{f"bound_{k}": v for k, v in bound.items()}})
+    targets = [target(f"ours / reference >= 20x at 20 patches/image{note}", speedup, speedup >= 20),
+               target("bound / ours <= 1.3x", to_bound, to_bound <= 1.3)]
+    if cores >= 2:
+        targets.append(target(f"ours {args.workers} workers / in process >= 1.7x", scaling, scaling >= 1.7))
+    return Result("data", rows_out, targets,
+                  {"images": len(rows), "patch_num": args.patch_num, "workers": args.workers, "cores": cores,
+                   "speedup": speedup, "bound_over_ours": to_bound, "workers_over_serial": scaling,
+                   **{f"bound_{k}": v for k, v in bound.items()}})
 
 
 # ---------------------------------------------------------------- training steps
@@ -349,7 +410,12 @@ def bench_eval(args: argparse.Namespace) -> Result:
                   mixed_precision="no")
     accelerator = make_accelerator(cfg)
     model = model.to(accelerator.device).eval()
-    split, rows = sample_split(args.shards, args.images)
+    with bench_images(args) as shards:
+        return _bench_eval(args, model, cfg, accelerator, *sample_split(shards, args.images))
+
+
+def _bench_eval(args: argparse.Namespace, model: nn.Module, cfg: Config, accelerator: Any, split: Split,
+                rows: list[dict]) -> Result:
     start = time.perf_counter()
     scored = predict_split(model, split, cfg, accelerator, args.batch_size)
     ours_s = time.perf_counter() - start
@@ -419,6 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _images_args(data, images=64)
     data.add_argument("--batch_size", type=int, default=32)
     data.add_argument("--shuffle_buffer", type=int, default=256, help="our stream's (default 256)")
+    data.add_argument("--passes", type=int, default=3, help="epochs of our loader, median taken (default 3)")
 
     step = sub.add_parser("step", parents=[common], help="HyperIQA training step vs backbone only")
     _model_args(step, size="tiny", batch_size=32, iters=5)
@@ -451,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _images_args(p: argparse.ArgumentParser, images: int) -> None:
-    p.add_argument("--shards", type=Path, default=Path("shards/demo"))
+    p.add_argument("--shards", type=Path, help="a packed set (default: build KonIQ-sized JPEGs)")
     p.add_argument("--images", type=int, default=images, help=f"images to use (default {images})")
     p.add_argument("--patch_num", type=int, default=20, help="patches per image (default 20)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
