@@ -29,7 +29,7 @@ from accelerate.utils import gather_object
 
 from .config import Config
 from .data.stream import Split, eval_loader, load_split, to_model_input
-from .metrics import compute_metrics
+from .metrics import aggregate_by_key, compute_metrics
 from .tools import load_trained, markdown_table
 
 
@@ -75,7 +75,7 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
                          batch_size=batch_size or cfg.batch_size, rank=accelerator.process_index,
                          world=accelerator.num_processes, workers=cfg.workers,
                          random_crop=cfg.test_random_crop, seed=cfg.seed)
-    sums: dict[str, list[float]] = {}
+    keys, preds, labels = [], [], []
     batches, dummy = iter(loader), None
     dtype = next(model.parameters()).dtype
     while True:
@@ -87,14 +87,16 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
         if images is None:  # this rank has no image at all: borrow a blank one
             images = torch.zeros(1, cfg.patch_size, cfg.patch_size, 3, dtype=torch.uint8)
         with accelerator.autocast():
-            preds = model(to_model_input(images, accelerator.device, dtype)).float().cpu()
+            out = model(to_model_input(images, accelerator.device, dtype)).float().cpu()
         if batch is not None:
-            for key, pred, label in zip(batch[2], preds.tolist(), batch[1].tolist()):
-                entry = sums.setdefault(key, [0.0, 0, label])
-                entry[0] += pred
-                entry[1] += 1
+            keys += batch[2]
+            preds += out.tolist()
+            labels += batch[1].tolist()
     model.train(was_training)
-    return [(k, s / n, label) for k, (s, n, label) in sums.items()]
+    if not keys:
+        return []
+    per_image = aggregate_by_key(keys, preds, labels)
+    return list(zip(per_image.keys.tolist(), per_image.preds.tolist(), per_image.labels.tolist()))
 
 
 def split_metrics(preds: dict[str, tuple[float, float]], same_direction: bool = True) -> dict[str, float]:

@@ -21,7 +21,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         slow = name.startswith(("backbone.", "lda"))
         decay = p.ndim > 1
         groups.setdefault((slow, decay), []).append(p)
-    return [{"params": params, "lr": cfg.lr if slow else cfg.lr * cfg.lr_ratio,
+    return [{"params": params, "lr": base_lr(cfg, hyper=not slow),
              "weight_decay": cfg.weight_decay if decay else 0.0,
              "name": f"{'backbone' if slow else 'hyper'}{'' if decay else '_no_decay'}"}
             for (slow, decay), params in sorted(groups.items(), reverse=True)]
@@ -36,6 +36,10 @@ def build_optimizer(model: nn.Module, cfg: Config, fused: bool = False) -> torch
     """``fused``: one kernel for the whole update (on GPUs; the parameters must be there)."""
     return OPTIMIZERS[cfg.optimizer](param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=fused or None)
+
+
+def base_lr(cfg: Config, hyper: bool) -> float:
+    return cfg.lr * cfg.lr_ratio if hyper else cfg.lr
 
 
 def is_hyper(group: dict) -> bool:

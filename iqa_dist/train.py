@@ -36,7 +36,7 @@ from .config import Config, ConfigError, for_world, parse_config, save_yaml
 from .data.stream import load_split, steps_per_epoch, to_model_input, train_loader
 from .evaluate import card_of, predict_split, same_direction, split_metrics
 from .losses import iqa_loss
-from .optim import build_optimizer, build_scheduler
+from .optim import base_lr, build_optimizer, build_scheduler, is_hyper
 from .tools import model_from_config
 
 
@@ -216,7 +216,7 @@ class Trainer:
         change them (PBT's explore, a user's --lr); unchanged, every value stays the same."""
         sched = self.scheduler
         for i, group in enumerate(self.optimizer.param_groups):
-            base = self.cfg.lr if group["name"].startswith("backbone") else self.cfg.lr * self.cfg.lr_ratio
+            base = base_lr(self.cfg, is_hyper(group))
             sched.base_lrs[i] = group["initial_lr"] = base
             group["lr"] = base * sched.lr_lambdas[i](sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
