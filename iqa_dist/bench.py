@@ -5,10 +5,14 @@
     python -m iqa_dist.bench ddp   [--model_size micro --batch_size 8 --iters 10]
     python -m iqa_dist.bench eval  [--checkpoint RUN --shards DIR --images 32]
     python -m iqa_dist.bench sweep
+    python -m iqa_dist.bench gpu   [--out gpu_check]   (or: bash tests/gpu/check.sh OUT)
 
 Each prints a table and whether its target was met (``--json PATH`` also writes it).
 Without ``--shards``, ``data`` and ``eval`` build a KonIQ-10k-like set first: photographs
 as JPEGs of KonIQ's 1024x768, packed at 512x384 as KonIQ is (``--resize koniq``).
+``gpu`` is the one-command check for a GPU node (at most 8 minutes on one GPU): training
+patches/s of Swin tiny and base, the loader against them, and launched DDP, ZeRO-2 and
+ZeRO-3 runs; on a CPU it runs a smoke version of itself.
 Speeds depend on the machine and its load: these are measurements, not tests.
 """
 from __future__ import annotations
@@ -17,13 +21,18 @@ import argparse
 import contextlib
 import json
 import os
+import platform
+import re
+import resource
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from itertools import islice
+from functools import partial
+from itertools import count
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
@@ -31,17 +40,17 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from .config import Config, ConfigError
-from .data.stream import IMAGE_EXTS, MEAN, STD, Split, _collate, train_loader
+from .data.stream import IMAGE_EXTS, MEAN, STD, Split, _collate, load_split, train_loader
 from .evaluate import predict_split
 from .images import open_rgb
 from .models.hyperiqa import PATCH
-from .optim import build_optimizer, build_scheduler
+from .optim import build_scheduler
 from .pack import read_manifest
 from .tools import default_device, load_trained, markdown_table, model_from_config, time_calls
 
@@ -64,35 +73,6 @@ def target(text: str, value: float, met: bool) -> str:
 # ---------------------------------------------------------------- images for the data and eval benches
 
 
-KONIQ_SIZE = (1024, 768)  # KonIQ-10k's released images
-COLOUR_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-                 "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
-
-
-def koniq_like(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` KonIQ-sized JPEGs (quality 90) cut from scikit-image's colour photographs,
-    packed as KonIQ-10k is; returns the packed set. Decoding real 1024x768 JPEGs is what
-    a loader spends its time on, which the demo's small PNG tiles do not show."""
-    from .pack import PackOptions, pack
-    from .sources.demo import _photo
-
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    photos = [_photo(name) for name in COLOUR_PHOTOS]
-    with open(root / "labels.csv", "w") as f:
-        f.write("name,mos\n")
-        for i in range(n):
-            img = photos[i % len(photos)]
-            w, h = img.size
-            cw = int(min(w, h * 4 / 3) * rng.uniform(0.6, 1.0))  # a 4:3 view of the photograph
-            x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - cw * 3 // 4 + 1)
-            view = img.crop((x, y, x + cw, y + cw * 3 // 4)).resize(KONIQ_SIZE, Image.Resampling.BICUBIC)
-            view.save(root / "images" / f"{i:05d}.jpg", quality=90)
-            f.write(f"images/{i:05d}.jpg,{rng.uniform(1, 100):.2f}\n")
-    pack("csv", root, root / "shards", PackOptions(resize="koniq", rounds=1), workers=0)
-    return root / "shards"
-
-
 @contextlib.contextmanager
 def bench_images(args: argparse.Namespace) -> Iterator[Path]:
     """The packed set to read: ``--shards``, or a KonIQ-like set built for this run."""
@@ -102,7 +82,7 @@ def bench_images(args: argparse.Namespace) -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"building {args.images} KonIQ-sized JPEGs (--shards to use a packed set) ...",
               file=sys.stderr, flush=True)
-        yield koniq_like(Path(tmp), args.images)
+        yield koniq_like_set(Path(tmp), args.images, workers=0)
 
 
 def sample_split(shards: Path, n: int) -> tuple[Split, list[dict]]:
@@ -163,12 +143,13 @@ def reference_dataset(split: Split, rows: list[dict], tmp: Path, patch_num: int,
                             patch_num, flip)
 
 
-def timed_patches(batches: Iterable) -> tuple[int, float]:
-    """(patches, seconds) of the steady state: the clock starts at the first batch, so
-    neither worker start-up nor filling a shuffle buffer counts (the first item of a
-    batch is its patches)."""
+def timed_patches(batches: Iterable, skip: int = 1) -> tuple[int, float]:
+    """(patches, seconds) of the steady state: the clock starts after the first ``skip``
+    batches, so neither worker start-up nor filling a shuffle buffer counts (the first
+    item of a batch is its patches)."""
     batches = iter(batches)
-    next(batches)
+    for _ in range(skip):
+        next(batches)
     start, n = time.perf_counter(), 0
     for batch in batches:
         n += len(batch[0])
@@ -264,16 +245,24 @@ class BackboneOnly(nn.Module):
         return torch.stack([f.mean(dim=(1, 2, 3)) for f in self.backbone(x)]).sum(0)
 
 
+def step_trainer(model: nn.Module, cfg: Config, accelerator: Any) -> SimpleNamespace:
+    """What ``Trainer.train_step`` needs, with the model placed, optimised and compiled as
+    ``Trainer`` does, and no data set."""
+    from .train import compiled, placed
+
+    model, optimizer, channels_last = placed(model, cfg, accelerator)
+    scheduler = build_scheduler(optimizer, cfg, 1_000_000)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return SimpleNamespace(accelerator=accelerator, cfg=cfg, model=model, optimizer=optimizer,
+                           scheduler=scheduler, forward=compiled(model, cfg), channels_last=channels_last)
+
+
 def train_step_fn(model: nn.Module, cfg: Config, accelerator: Any, images: torch.Tensor,
                   labels: torch.Tensor) -> Callable[[], float]:
     """One optimiser step of the real training loop (``Trainer.train_step``) on a fixed batch."""
     from .train import Trainer
 
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, 1_000_000)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    trainer = SimpleNamespace(accelerator=accelerator, cfg=cfg, model=model, optimizer=optimizer,
-                              scheduler=scheduler, forward=model, channels_last=False)
+    trainer = step_trainer(model, cfg, accelerator)
     return lambda: Trainer.train_step(trainer, images, labels)
 
 
@@ -346,6 +335,14 @@ def ddp_worker(args: argparse.Namespace) -> Result:
     return Result("ddp-worker", [])
 
 
+def why_failed(output: str) -> str:
+    """The line of a failed process's output that says why: its last exception or error
+    line (warnings and progress bars often come after it), else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"([\w.]*(Error|Exception)\b|error:)", line)]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -365,8 +362,7 @@ def _run_ranks(world: int, args: argparse.Namespace, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0 or not out.exists():
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"{world}-rank run failed (exit {done.returncode}): {tail[0]}")
+        raise RuntimeError(f"{world}-rank run failed (exit {done.returncode}): {why_failed(done.stderr)}")
     return json.loads(out.read_text())
 
 
@@ -471,6 +467,302 @@ def bench_sweep(args: argparse.Namespace) -> Result:
                   {"compute_ratio": compute, "srcc_gap": gap, "epochs": args.epochs})
 
 
+# ---------------------------------------------------------------- the GPU check
+
+
+@dataclass(frozen=True)
+class CheckSizes:
+    """What ``bench gpu`` runs: the real sizes on a GPU; on a CPU a smoke run of the same
+    code (micro Swin, fp32, ``aot_eager``, gloo), so that the suite keeps the check
+    working until a GPU is lent."""
+    models: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    compilers: tuple[str, ...]  # Config.compile values
+    precision: str  # Config.mixed_precision
+    warmup: int  # untimed steps after the first (which compiles)
+    iters: int
+    images: int  # KonIQ-sized photographs packed for the loader and the launches
+    loader_batches: int  # timed, per loader worker
+    launch_model: str
+    launch_batch: int
+    launch_patches: int  # train_patch_num of the launched runs
+    launch_steps: int
+    budget_s: float  # the whole check: parts that would start later are skipped
+    part_s: float  # one part at most (compiling Swin-Base takes minutes)
+
+
+GPU_SIZES = CheckSizes(("tiny", "base"), (32, 96), ("none", "inductor"), "bf16", warmup=3, iters=10,
+                       images=48, loader_batches=4, launch_model="tiny", launch_batch=32, launch_patches=20,
+                       launch_steps=4, budget_s=470, part_s=150)
+SMOKE_SIZES = CheckSizes(("micro",), (2,), ("none", "aot_eager"), "no", warmup=0, iters=1, images=8,
+                         loader_batches=2, launch_model="micro", launch_batch=2, launch_patches=2,
+                         launch_steps=2, budget_s=600, part_s=300)
+# Launched runs: one process each. A one-process MULTI_GPU launch still starts torchrun, so
+# the process group is really set up (NCCL on a GPU, gloo on a CPU).
+LAUNCHES = {"DDP": "multi_gpu.yaml", "DeepSpeed ZeRO-2": "zero2.yaml", "DeepSpeed ZeRO-3": "zero3.yaml"}
+COLUMNS = ("part", "model", "setting", "status", "patches/s", "peak GiB", "first step s", "seconds", "detail")
+
+
+@dataclass
+class Part:
+    """One time-boxed piece of the check, run as a process group of its own: a hang, a
+    crash or an out-of-memory ends that part only, and its peak memory is its own."""
+    part: str  # train | loader | launch
+    model: str
+    setting: str
+    cmd: list[str]
+    folder: Path  # where it writes; ``read`` turns that into the row's figures
+    read: Callable[[Path], dict]
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+KONIQ_SIZE = (1024, 768)  # KonIQ-10k's released images
+
+
+def koniq_like_set(root: Path, images: int, workers: int) -> Path:
+    """A packed set of KonIQ-sized photographs: 1024x768 JPEGs cut from the photographs that
+    scikit-image ships, packed at KonIQ's 512x384 as KonIQ-10k is (``--resize koniq``).
+    The demo's 256-pixel tiles decode far faster and would flatter the loader. Labels are
+    random: the launched runs' SRCC means nothing."""
+    from .pack import PackOptions, pack
+    from .sources.demo import PHOTOS, load_photo
+
+    src, rng, rows = root / "koniq-like", np.random.default_rng(0), []
+    (src / "img").mkdir(parents=True)
+    for i in range(images):
+        centre = tuple(rng.uniform(0, 1, 2))  # a different 4:3 crop each time a photograph comes round
+        ImageOps.fit(load_photo(PHOTOS[i % len(PHOTOS)]), KONIQ_SIZE, centering=centre).save(
+            src / "img" / f"{i:04d}.jpg", quality=90)
+        rows.append(f"img/{i:04d}.jpg,{rng.uniform(1, 100):.2f},r{i}")
+    (src / "labels.csv").write_text("\n".join(["name,mos,ref", *rows]) + "\n")
+    options = PackOptions(resize="koniq", shard_size=16, rounds=1, split=(0.5, 0.25, 0.25))
+    pack("csv", src, root / "shards", options, workers=workers)
+    return root / "shards"
+
+
+def _bench_cmd(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "iqa_dist.bench", *argv]
+
+
+def _first_row(folder: Path) -> dict:
+    return json.loads((folder / "result.json").read_text())["rows"][0]
+
+
+def train_part(sizes: CheckSizes, model: str, batch: int, compiler: str, folder: Path) -> Part:
+    cmd = _bench_cmd("gpu-train", "--model_size", model, "--batch_size", str(batch), "--compile", compiler,
+                     "--mixed_precision", sizes.precision, "--warmup", str(sizes.warmup),
+                     "--iters", str(sizes.iters), "--json", str(folder / "result.json"))
+    return Part("train", model, f"batch {batch}, compile {compiler}", cmd, folder, _first_row)
+
+
+def loader_part(sizes: CheckSizes, shards: Path, workers: int, folder: Path) -> Part:
+    batch = max(sizes.batch_sizes)
+    cmd = _bench_cmd("gpu-loader", "--shards", str(shards), "--workers", str(workers), "--batch_size", str(batch),
+                     "--batches", str(sizes.loader_batches), "--json", str(folder / "result.json"))
+    return Part("loader", "", f"{workers} workers, batch {batch}", cmd, folder, _first_row)
+
+
+def launch_part(sizes: CheckSizes, name: str, shards: Path, folder: Path, gpu: bool) -> Part:
+    """A real tiny run of ``iqa_dist.train`` through ``accelerate launch``: a few steps, the
+    epoch's validation and checkpoint, and ``finish()`` (the test with the best weights)."""
+    config = LAUNCHES[name] if gpu or name != "DDP" else "cpu_2proc.yaml"
+    train = ["--dataset", str(shards), "--run_dir", str(folder / "run"), "--model_size", sizes.launch_model,
+             "--batch_size", str(sizes.launch_batch), "--train_patch_num", str(sizes.launch_patches),
+             "--test_patch_num", "1", "--epochs", "1", "--max_steps_per_epoch", str(sizes.launch_steps),
+             "--workers", "1", "--log_every", "1", "--no_plots", "--no_spaq"]
+    # the check's precision, said explicitly: without --mixed_precision, accelerate launch
+    # tells the run "no" (fp32) whenever the launcher config names none, as zero*.yaml do
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / config),
+           "--num_processes", "1", "--main_process_port", str(_free_port()),
+           "--mixed_precision", sizes.precision, "-m", "iqa_dist.train", *train]
+    precision = "fp32" if sizes.precision == "no" else sizes.precision
+    return Part("launch", sizes.launch_model, f"{name} ({config}, 1 process, {precision})", cmd, folder,
+                lambda f: _launch_row(f / "run", sizes.launch_steps))
+
+
+def _launch_row(run: Path, steps: int) -> dict:
+    results = json.loads((run / "results.json").read_text())  # finish() writes it last
+    done = json.loads((run / "checkpoints" / "last" / "trainer.json").read_text())["global_step"]
+    if done != steps:
+        raise RuntimeError(f"{done} steps trained, {steps} asked")
+    return {"detail": f"backend {results['backend']}, {results['world_size']} process, {done} steps, "
+                      f"validation, checkpoint, finish(): test SRCC {results['test']['srcc']:.2f} (random labels)"}
+
+
+def check_parts(sizes: CheckSizes, shards: Path, work: Path, workers: int, gpu: bool) -> list[Part]:
+    """Eager training rows, the loader, the launches, then the compiled rows: compiling is
+    the slowest and least certain part, so it goes last and cannot crowd out the rest."""
+    folders = (work / f"part-{i:02d}" for i in count())  # numbered in the order they run
+    rows = [(m, b, c) for m in sizes.models for c in sizes.compilers for b in sizes.batch_sizes]
+    parts = [train_part(sizes, *row, next(folders)) for row in rows if row[2] == "none"]
+    parts.append(loader_part(sizes, shards, workers, next(folders)))
+    parts += [launch_part(sizes, name, shards, next(folders), gpu) for name in LAUNCHES]
+    return parts + [train_part(sizes, *row, next(folders)) for row in rows if row[2] != "none"]
+
+
+def run_logged(cmd: list[str], timeout: float, log: Path, env: dict[str, str]) -> None:
+    """Runs ``cmd`` with its output in ``log``, in a process group of its own, so that a
+    time-out also ends what it started (a launcher's ranks, compile workers)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    if code:
+        raise RuntimeError(f"exit {code}: {why_failed(log.read_text(errors='replace'))}")
+
+
+def run_part(part: Part, timeout: float, logs: Path, env: dict[str, str]) -> dict:
+    """The part's row: its figures, or why it failed, in one line."""
+    row = {"part": part.part, "model": part.model, "setting": part.setting}
+    if timeout < 5:
+        return row | {"status": "skipped: the check's time was spent"}
+    part.folder.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^a-z0-9]+", "-", f"{part.part} {part.model} {part.setting}".lower()).strip("-")
+    log = logs / f"{part.folder.name}-{name}.log"
+    start = time.monotonic()
+    try:
+        run_logged(part.cmd, timeout, log, env)
+        row |= part.read(part.folder) | {"status": "ok"}
+    except subprocess.TimeoutExpired:
+        row["status"] = f"failed: timed out after {timeout:.0f} s"
+    except (RuntimeError, OSError, ValueError, KeyError) as err:  # a missing or bad result file too
+        row["status"] = f"failed: {err}"
+    return row | {"seconds": time.monotonic() - start}
+
+
+def part_env(gpu: bool) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # DeepSpeed compiles its ops just in time: the suite's cache, so that it happens once
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "iqa_dist" / "torch_extensions"))
+    if gpu:
+        env.pop("ACCELERATE_USE_CPU", None)
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def starved(rows: list[dict]) -> tuple[list[str], dict[str, bool]]:
+    """Whether the loader keeps up with the fastest training row of each model."""
+    loader = next((r for r in rows if r["part"] == "loader" and r["status"] == "ok"), None)
+    trained = [r for r in rows if r["part"] == "train" and r["status"] == "ok"]
+    if loader is None or not trained:
+        return ["GPU starved: not known (the loader or every training row failed)"], {}
+    lines, verdict = [], {}
+    for model in dict.fromkeys(r["model"] for r in trained):
+        fastest = max((r for r in trained if r["model"] == model), key=lambda r: r["patches/s"])
+        ratio = loader["patches/s"] / fastest["patches/s"]
+        verdict[model] = ratio < 1
+        lines.append(target(f"loader / {model} training patches/s >= 1 (fastest: {fastest['setting']}; "
+                            f"below 1 the GPU is starved)", ratio, ratio >= 1))
+    return lines, verdict
+
+
+def build_set(sizes: CheckSizes, work: Path, workers: int) -> tuple[Path, dict]:
+    """The packed set and its row; a failure is the row's, and the parts needing it fail too."""
+    start, row = time.monotonic(), {"part": "data", "setting": f"{sizes.images} KonIQ-sized photographs, "
+                                                               "packed --resize koniq"}
+    shards = work / "shards"
+    try:
+        shards = koniq_like_set(work, sizes.images, workers)
+        row["status"] = "ok"
+    except (OSError, ValueError) as err:
+        row["status"] = f"failed: {why_failed(str(err))}"
+    return shards, row | {"seconds": time.monotonic() - start}
+
+
+def bench_gpu(args: argparse.Namespace) -> Result:
+    gpu = torch.cuda.is_available() and not args.smoke
+    sizes, start = (GPU_SIZES if gpu else SMOKE_SIZES), time.monotonic()
+    workers = args.workers or (usable_cpus() if gpu else min(2, usable_cpus()))  # the smoke's: tiny too
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards, data_row = build_set(sizes, Path(tmp), workers if gpu else 0)
+        rows = [data_row]
+        for part in check_parts(sizes, shards, Path(tmp), workers, gpu):
+            left = sizes.budget_s - (time.monotonic() - start)
+            rows.append(run_part(part, min(sizes.part_s, left), logs, part_env(gpu)))
+    rows = [{c: r.get(c, "") for c in COLUMNS} for r in rows]
+    lines, verdict = starved(rows)
+    figures = {"mode": "gpu" if gpu else "smoke (CPU sizes)", "device": device_name(gpu),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__, "cuda": torch.version.cuda,
+               "cpus": usable_cpus(), "loader_workers": workers, "seconds": time.monotonic() - start,
+               "gpu_starved": verdict}
+    result = Result("gpu", rows, lines, figures)
+    write_check(result, args.out)
+    return result
+
+
+def device_name(gpu: bool) -> str:
+    return torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.processor() or platform.machine()})"
+
+
+def write_check(result: Result, out: Path) -> None:
+    f = result.figures
+    head = (f"# GPU check: `python -m iqa_dist.bench gpu`\n\n{f['date']}; {f['device']}; torch {f['torch']} "
+            f"(CUDA {f['cuda']}); {f['cpus']} CPUs; mode {f['mode']}; {f['seconds']:.0f} s in all.\n\n"
+            "patches/s: training (median step) or loader; peak GiB: the GPU's max_memory_allocated "
+            "(on a CPU the process's peak RSS); first step s: includes compiling.\n")
+    body = markdown_table(result.rows) + "\n\n" + "\n".join(f"- {line}" for line in result.targets)
+    (out / "gpu_check.md").write_text(f"{head}\n{body}\n")
+    (out / "gpu_check.json").write_text(json.dumps(vars(result), indent=1, default=str))
+
+
+def gpu_train_worker(args: argparse.Namespace) -> Result:
+    """One training row of the GPU check: the real training step on a fixed batch."""
+    from .train import Trainer, make_accelerator, set_determinism
+
+    cfg = Config(model_size=args.model_size, batch_size=args.batch_size, compile=args.compile,
+                 mixed_precision=args.mixed_precision)
+    set_determinism(cfg)  # TF32 and cuDNN autotuning, as training sets them
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    images, labels = synthetic_batch(args.batch_size)
+    if device.type == "cuda":
+        images = images.pin_memory()  # as the loader hands batches over
+    trainer = step_trainer(model_from_config(cfg), cfg, accelerator)
+    step = partial(Trainer.train_step, trainer, images, labels)
+    first = float(time_calls(step, 1, 0, device)[0])  # compiles, when asked
+    seconds = float(np.median(time_calls(step, args.iters, args.warmup, device)))
+    if device.type == "cuda":
+        peak, where = torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
+    else:
+        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "CPU RSS"  # KiB on Linux
+    return Result("gpu-train", [{"patches/s": args.batch_size / seconds, "peak GiB": peak, "first step s": first,
+                                 "detail": f"{precision_name(accelerator)}, channels-last "
+                                           f"{'yes' if trainer.channels_last else 'no'}, {where} memory, "
+                                           f"median of {args.iters} steps"}])
+
+
+def precision_name(accelerator: Any) -> str:
+    return "fp32" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} autocast"
+
+
+def gpu_loader_worker(args: argparse.Namespace) -> Result:
+    """The loader row of the GPU check: training patches/s of ``workers`` loader processes."""
+    split = load_split(args.shards, "all")
+    # Untimed: the first batch (start-up) and those the workers prefetched meanwhile (2 each).
+    # A small shuffle buffer: a full one would take most of a short run to fill, and does
+    # not change the steady state's speed. Epochs past the set's end continue the ring.
+    skip, timed = 2 * args.workers + 1, args.batches * max(1, args.workers)
+    loader = train_loader(split, patch_num=args.patch_num, patch_size=PATCH, batch_size=args.batch_size, seed=0,
+                          rank=0, world=1, workers=args.workers, shuffle_buffer=args.batch_size, steps=skip + timed)
+    patches, seconds = timed_patches(loader, skip)
+    return Result("gpu-loader", [{"patches/s": patches / seconds,
+                                  "detail": f"{len(split)} images 512x384, {args.patch_num} patches each, "
+                                            f"{patches} patches timed in {seconds:.1f} s"}])
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -503,6 +795,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--batch_size", type=int, default=32)
     ev.add_argument("--device", default=default_device())
 
+    gpu = sub.add_parser("gpu", parents=[common], help="the one-command GPU check (on a CPU: a smoke run)")
+    gpu.add_argument("--out", type=Path, default=Path("gpu_check"),
+                     help="folder for gpu_check.md, gpu_check.json and each part's log (default gpu_check)")
+    gpu.add_argument("--workers", type=int, default=0, help="loader workers (default: the CPUs we may use)")
+    gpu.add_argument("--smoke", action="store_true", help="the CPU's tiny sizes, even on a GPU")
+
+    train = sub.add_parser("gpu-train", parents=[common], help="internal: a training row of the GPU check")
+    _model_args(train, size="tiny", batch_size=32, iters=10)
+    train.add_argument("--compile", default="none", help="none | inductor | aot_eager")
+    train.add_argument("--mixed_precision", default="auto", help="auto | no | bf16 | fp16")
+
+    loader = sub.add_parser("gpu-loader", parents=[common], help="internal: the loader row of the GPU check")
+    loader.add_argument("--shards", type=Path, required=True)
+    loader.add_argument("--workers", type=int, default=usable_cpus())
+    loader.add_argument("--batch_size", type=int, default=96)
+    loader.add_argument("--patch_num", type=int, default=20, help="patches per image (default 20)")
+    loader.add_argument("--batches", type=int, default=4, help="timed batches per worker (default 4)")
+
     sweep = sub.add_parser("sweep", parents=[common], help="ASHA vs grid on the demo set")
     sweep.add_argument("--base", type=Path, default=REPO / "configs" / "demo.yaml", help="train config")
     sweep.add_argument("--shards", type=Path, default=Path("shards/demo"))
@@ -533,7 +843,8 @@ def _model_args(p: argparse.ArgumentParser, size: str, batch_size: int, iters: i
 
 BENCHES: dict[str, Callable[[argparse.Namespace], Result]] = {
     "data": bench_data, "step": bench_step, "ddp": bench_ddp, "ddp-worker": ddp_worker,
-    "eval": bench_eval, "sweep": bench_sweep}
+    "eval": bench_eval, "sweep": bench_sweep, "gpu": bench_gpu, "gpu-train": gpu_train_worker,
+    "gpu-loader": gpu_loader_worker}
 
 
 def show(result: Result) -> None:
@@ -555,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     show(result)
     if args.json:
         Path(args.json).write_text(json.dumps(vars(result), indent=1, default=str))
-    return 0
+    failed = [r for r in result.rows if str(r.get("status", "")).startswith("failed")]
+    return 1 if failed else 0  # the GPU check: every part's row is written first
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
@@ -110,6 +111,23 @@ def set_determinism(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def placed(model: nn.Module, cfg: Config, accelerator: Accelerator) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
+    """The model on its device and its optimiser, as training runs them (also the bench's):
+    channels-last memory for CNN backbones on a GPU (they run faster NHWC; Swin's features
+    already are), and a fused optimiser there (the parameters must be on the GPU first;
+    DeepSpeed brings its own step). The flag says whether inputs go channels-last."""
+    device = accelerator.device
+    channels_last = device.type == "cuda" and not model.backbone.spec.nhwc
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    fused = device.type == "cuda" and accelerator.state.deepspeed_plugin is None
+    return model, build_optimizer(model, cfg, fused=fused), channels_last
+
+
+def compiled(model: nn.Module, cfg: Config) -> nn.Module:
+    """What the training step calls: the model, or its ``torch.compile`` with ``cfg.compile``."""
+    return model if cfg.compile == "none" else torch.compile(model, backend=cfg.compile)
+
+
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; all ranks agree on it at the next step."""
 
@@ -163,14 +181,10 @@ class Trainer:
                 raise ConfigError(f"max_steps_per_epoch {cfg.max_steps_per_epoch} is not a whole number "
                                   f"of grad_accum {cfg.grad_accum} cycles")
             self.steps = min(self.steps, cfg.max_steps_per_epoch)
-        device, plain = self.accelerator.device, self.accelerator.state.deepspeed_plugin is None
-        model = model_from_config(cfg, pretrained=True)
-        self.channels_last = device.type == "cuda" and not model.backbone.spec.nhwc  # CNNs run faster NHWC
-        model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        optimizer = build_optimizer(model, cfg, fused=device.type == "cuda" and plain)
+        model, optimizer, self.channels_last = placed(model_from_config(cfg, pretrained=True), cfg, self.accelerator)
         self.scheduler = build_scheduler(optimizer, cfg, max(1, self.steps // cfg.grad_accum))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.forward = self.model if cfg.compile == "none" else torch.compile(self.model, backend=cfg.compile)
+        self.forward = compiled(self.model, cfg)
         self.loader = train_loader(self.train_split, patch_num=cfg.train_patch_num,
                                    patch_size=cfg.patch_size, batch_size=cfg.batch_size,
                                    seed=cfg.seed, rank=self.accelerator.process_index,
@@ -394,6 +408,8 @@ class Trainer:
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "best_epoch": self.state.best_epoch + 1,
                                    "best_val_srcc": self.state.best_srcc,
                                    "epochs_run": self.state.epoch, "world_size": self.accelerator.num_processes,
+                                   "backend": torch.distributed.get_backend() if torch.distributed.is_initialized()
+                                   else "none",  # nccl, gloo: what the ranks really talked over
                                    "batch_size_per_process": self.cfg.batch_size,
                                    "global_batch_size": self.cfg.global_batch_size, "lr": self.cfg.lr}
         test_preds = predict_split(self.model, self.test_split, self.cfg, self.accelerator)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iqa_dist.bench import main
+from iqa_dist.bench import main, usable_cpus
 from iqa_dist.checkpoint import save_weights, write_json
 from iqa_dist.config import Config, save_yaml
 from iqa_dist.tools import model_from_config
@@ -43,10 +43,10 @@ def test_data(capsys, tmp_path, small_shards):
 def test_koniq_like_set_is_koniq_sized_jpegs_packed_as_koniq(tmp_path):
     from PIL import Image
 
-    from iqa_dist.bench import KONIQ_SIZE, koniq_like
+    from iqa_dist.bench import KONIQ_SIZE, koniq_like_set
     from iqa_dist.pack import read_manifest
 
-    rows = read_manifest(koniq_like(tmp_path, 3))
+    rows = read_manifest(koniq_like_set(tmp_path, 3, workers=0))
     assert len(rows) == 3 and {(r["width"], r["height"]) for r in rows} == {(512, 384)}
     for r in rows:
         with Image.open(r["path"]) as img:
@@ -98,3 +98,31 @@ def test_sweep(tmp_path, small_shards):
     assert grid["trials"] == asha["trials"] == 2
     assert grid["epochs trained"] == 4  # every grid trial ran to the end
     assert asha["epochs trained"] <= 4
+
+
+@pytest.mark.slow  # it launches processes: a time-boxed process per part, accelerate launch for three
+def test_gpu_check_smoke_mode(tmp_path):
+    """``bench gpu`` on a CPU runs its smoke sizes through the GPU code paths: every part
+    of the check is there with figures, in the JSON and in the Markdown table."""
+    done = run(["bash", str(Path(__file__).parent / "gpu" / "check.sh"), str(tmp_path / "out"), "--smoke"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    rows = {(r["part"], r["setting"].split(" (")[0]): r for r in result["rows"]}
+    workers = f"{min(2, usable_cpus())} workers, batch 2"
+    assert set(rows) == {("data", "8 KonIQ-sized photographs, packed --resize koniq"),
+                         ("train", "batch 2, compile none"), ("train", "batch 2, compile aot_eager"),
+                         ("loader", workers), ("launch", "DDP"), ("launch", "DeepSpeed ZeRO-2"),
+                         ("launch", "DeepSpeed ZeRO-3")}
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows.values())
+    for (part, _), r in rows.items():
+        if part == "train":
+            assert r["patches/s"] > 0 and r["peak GiB"] > 0 and r["first step s"] > 0
+        if part == "launch":  # a real gloo process group, the steps asked, finish() done
+            assert r["detail"].startswith("backend gloo, 1 process, 2 steps,") and "finish()" in r["detail"]
+    assert rows["loader", workers]["patches/s"] > 0
+    assert result["figures"]["mode"].startswith("smoke") and set(result["figures"]["gpu_starved"]) == {"micro"}
+    assert any(t.startswith("target loader / micro training patches/s >= 1") for t in result["targets"])
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    for r in result["rows"]:
+        assert f"| {r['part']} | {r['model']} | {r['setting']} | ok |" in table
+    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 6  # one per part run as a process

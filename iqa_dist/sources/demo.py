@@ -73,7 +73,7 @@ def score(ref: np.ndarray, dist: np.ndarray) -> float:
                                        gaussian_weights=True, sigma=1.5))
 
 
-def _photo(name: str) -> Image.Image:
+def load_photo(name: str) -> Image.Image:
     """A photograph from scikit-image's package data (no download)."""
     path = resources.files("skimage") / "data" / name
     with path.open("rb") as f:
@@ -101,7 +101,7 @@ def build(root: Path, seed: int = 0, photos: tuple[str, ...] = PHOTOS,
     rng = np.random.default_rng(seed)
     rows = []
     for photo in photos:
-        for t, tile in enumerate(tiles(_photo(photo), tiles_per_photo, rng)):
+        for t, tile in enumerate(tiles(load_photo(photo), tiles_per_photo, rng)):
             ref = photo.split(".")[0].replace("_", "-")
             rows += _distort_tile(root, f"{ref}-t{t}", ref, tile, levels, rng)
     tmp = labels.with_name(".labels.csv.tmp")
