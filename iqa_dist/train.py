@@ -76,12 +76,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def precision(cfg: Config, gpu: bool) -> str:
-    """``auto``: what ``accelerate launch`` was told, else bf16 autocast on GPUs that have
-    it (Ampere and later), else fp32."""
+    """``auto``: the half precision ``accelerate launch`` was given, else bf16 autocast on
+    GPUs that have it (Ampere and later), else fp32. The launcher exports "no" whenever
+    its config names no precision, so its "no" does not count: ask fp32 with
+    ``mixed_precision: no``."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    return launcher or ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no":
+        return launcher
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
 
 
 def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:

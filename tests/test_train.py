@@ -336,6 +336,7 @@ def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypa
     ("auto", None, True, True, "bf16"),
     ("auto", None, True, False, "no"),  # pre-Ampere GPUs: fp32 unless fp16 is asked
     ("auto", "fp16", True, True, "fp16"),  # accelerate launch --mixed_precision wins
+    ("auto", "no", True, True, "bf16"),  # what the launcher says when its config names none
     ("no", None, True, True, "no"),
 ])
 def test_mixed_precision_auto(asked, launcher, gpu, bf16, resolved, monkeypatch):
