@@ -17,7 +17,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .config import Config
+from .config import Config, from_dict
 from .data.stream import Split, eval_loader, load_split, to_model_input
 from .metrics import compute_metrics
 from .tools import load_trained, markdown_table
@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trained = load_trained(args.checkpoint)
         overrides = {k: v for k, v in (("test_patch_num", args.test_patch_num), ("workers", args.workers),
-                                       ("split_round", args.round)) if v is not None}
-        cfg = replace(trained.cfg, mixed_precision=args.mixed_precision, **overrides)
+                                       ("split_round", args.round), ("batch_size", args.batch_size),
+                                       ("mixed_precision", args.mixed_precision)) if v is not None}
+        cfg = from_dict(overrides, trained.cfg, where="")  # the config's ranges hold here too
         roots = [shards_path(cfg, s) for s in args.shards]
         splits = [load_split(root, args.split, cfg.split_round) for root in roots]
     except (FileNotFoundError, ValueError) as err:  # the same on every rank: all leave together
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             print(f"evaluating {name} ({split.name}: {len(split)} images) on "
                   f"{accelerator.num_processes} process(es)", flush=True)
-        results.append(evaluate_set(model, name, split, cfg, accelerator, trained.card, args.batch_size))
+        results.append(evaluate_set(model, name, split, cfg, accelerator, trained.card))
     if accelerator.is_main_process:
         out = args.out or default_out(trained.weights)
         header = (f"# Cross-data-set evaluation\n\nmodel: `{trained.weights}` ({cfg.model_size}), trained on "

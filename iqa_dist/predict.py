@@ -180,8 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is not None and args.out.suffix.lower() not in OUT_FORMATS:
         p.error(f"--out {args.out}: give a .csv or .parquet file")
-    if args.batch_size < 1 or (args.test_patch_num is not None and args.test_patch_num < 1):
-        p.error("--batch_size and --test_patch_num must be positive")
+    if args.batch_size < 1 or (args.test_patch_num is not None and args.test_patch_num < 1) or args.workers < 0:
+        p.error("--batch_size and --test_patch_num must be positive, --workers at least 0")
     return args
 
 
