@@ -11,7 +11,9 @@ Layout of a run directory::
     checkpoints/best/      model.safetensors + config.yaml + metrics.json of the best epoch
 
 A checkpoint is written into a hidden temporary folder and renamed when complete;
-``last`` is replaced by an atomic symlink swap. Loading uses safetensors and
+``last`` is replaced by an atomic symlink swap. A checkpoint damaged later (a full disk,
+a truncated copy) is recognised before it is loaded: ``--resume latest`` then falls back
+to the newest readable ``step-N`` with a warning. Loading uses safetensors and
 ``torch.load(weights_only=True)`` only (Accelerate's loader), never arbitrary pickles.
 """
 from __future__ import annotations
@@ -20,10 +22,12 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TRAINER_STATE = "trainer.json"
@@ -34,23 +38,104 @@ TRAINER_STATE = "trainer.json"
 EXIT_PREEMPTED = 99
 
 
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint that cannot be used; the message is one line."""
+
+
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``latest`` is the run's newest checkpoint, or None on a first start."""
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run directory and prove it writable. Every rank calls it before any
+    collective, so a read-only place is one line at start, not a traceback at the first
+    checkpoint (or a rank left waiting at a barrier)."""
+    try:
+        checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=checkpoints_dir(run_dir)):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"{run_dir}: cannot write the run directory ({err.strerror or err})") from None
+
+
+def resolve_resume(resume: str | None, run_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """``latest`` is the run's newest readable checkpoint, or None on a first start; a run
+    directory given as ``resume`` means its newest readable one."""
     if not resume:
         return None
     if resume == "latest":
-        last = checkpoints_dir(run_dir) / "last"
-        return last.resolve() if last.exists() else None
+        return newest_readable(run_dir, warn)
     path = Path(resume)
-    if path.is_dir() and (path / "checkpoints" / "last").exists():
-        path = (path / "checkpoints" / "last").resolve()
-    if not (path / TRAINER_STATE).exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {TRAINER_STATE})")
+    if path.is_dir() and checkpoints_dir(path).is_dir():
+        found = newest_readable(path, warn)
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint in it")
+        return found
+    problem = unreadable(path)
+    if problem:
+        raise CheckpointError(f"{path}: not a checkpoint to resume from ({problem})")
     return path
+
+
+def newest_readable(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """``last``, or when it is damaged the newest readable ``step-N`` (with a warning);
+    None when there is no checkpoint at all."""
+    last = checkpoints_dir(run_dir) / "last"
+    target = last.resolve() if last.exists() else None
+    steps = sorted(checkpoints_dir(run_dir).glob("step-*"), reverse=True)
+    candidates = ([target] if target else []) + [s for s in steps if s != target]
+    problems = {c: unreadable(c) for c in candidates}
+    found = next((c for c in candidates if problems[c] is None), None)
+    if found is None and candidates:
+        raise CheckpointError(f"{last}: unreadable ({problems[candidates[0]]}) and no readable step-N "
+                              f"checkpoint beside it: remove {checkpoints_dir(run_dir)} to start over")
+    if last.is_symlink() and found != target:
+        damage = f"is unreadable ({problems[target]})" if target else f"points at {os.readlink(last)}, which is gone"
+        where = f"resuming from the newest readable one, {found}" if found else "no checkpoint left: starting afresh"
+        warn(f"warning: {last} {damage}; {where}")
+    return found
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, as far as its files tell (None: it can).
+
+    Cheap checks that catch a truncated copy: trainer.json parses, every safetensors file
+    holds all the bytes its header names, every torch file (a zip) has its directory.
+    Random states are not required: Accelerate goes on without them (see
+    ``random_state_problem``)."""
+    try:
+        json.loads((path / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE}"
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE}: {err}"
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{file.relative_to(path)}: {err}"
+    for file in sorted([*path.rglob("*.bin"), *path.rglob("*.pt")]):
+        if not zipfile.is_zipfile(file):
+            return f"{file.relative_to(path)}: truncated or not a torch file"
+    return None
+
+
+def random_state_problem(path: Path, rank: int) -> str | None:
+    """Why Accelerate's ``load_state`` will not restore this rank's random state; it then
+    goes on silently, and a resumed run is no longer bit-identical to an uninterrupted one."""
+    from accelerate.utils import load  # Accelerate's own loader: it fails where Accelerate would
+
+    file = path / f"random_states_{rank}.pkl"
+    if not file.exists():
+        return f"{file} is missing"
+    try:
+        states = load(file)
+    except Exception as err:  # whatever torch.load raises on a damaged pickle
+        return f"{file} cannot be read ({type(err).__name__})"
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" not in states:
+        return f"{file} holds no CUDA random state (saved without a GPU)"
+    return None
 
 
 def atomic_symlink(target: str, link: Path) -> None:
@@ -74,7 +159,10 @@ def publish(run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int =
         shutil.rmtree(final)
     os.replace(stage, final)
     atomic_symlink(final.name, checkpoints_dir(run_dir) / "last")
-    for old in sorted(checkpoints_dir(run_dir).glob("step-*"))[:-keep]:
+    steps = sorted(checkpoints_dir(run_dir).glob("step-*"))
+    # newer steps than this one belong to a timeline abandoned by a resume from an older checkpoint
+    kept = [p for p in steps if p.name <= final.name][-keep:]
+    for old in set(steps) - set(kept):
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -82,6 +82,7 @@ class Config:
     max_steps_per_epoch: int = 0  # cap steps per epoch (0: a full pass); for quick runs
     log_every: int = 10
     plots: bool = True
+    max_bad_samples: int = 10  # unreadable images skipped per process before a run stops
 
 
 _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
@@ -94,6 +95,21 @@ _CHOICES = {
     "lr_scale": ("none", "linear", "sqrt"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "compile": ("none", "inductor", "aot_eager"),
+}
+# Inclusive bounds of every numeric key (None: unbounded). Checked when a config is
+# parsed, so a bad value is one line at start, not a hang or a traceback later.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "dropout_rate": (0, 1), "drop_path_rate": (0, 1),
+    "ranking_loss_alpha": (0, None), "ranking_loss_margin": (0, None),
+    "epochs": (1, None), "batch_size": (1, None), "global_batch_size": (0, None),  # 0: unset
+    "lr": (0, None),  # lr 0 is a legitimate frozen check
+    "lr_ratio": (0, None), "weight_decay": (0, None), "eta_min_ratio": (0, None),
+    "step_size": (1, None), "step_gamma": (0, None), "warmup_epochs": (0, None), "grad_clip": (0, None),
+    "grad_accum": (1, None), "patience": (1, None),
+    "train_patch_num": (1, None), "test_patch_num": (1, None), "patch_size": (32, None),  # every backbone downsamples 32x
+    "workers": (0, None), "threads": (0, None), "shuffle_buffer": (0, None),
+    "split_round": (0, None), "rounds": (1, None), "seed": (0, 2**32 - 1),  # numpy seeds are unsigned
+    "max_steps_per_epoch": (0, None), "log_every": (1, None), "max_bad_samples": (0, None),  # 0: none
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
@@ -124,11 +140,25 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: expected {base.__name__}, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_CHOICES[name])}")
+    if name in _RANGES:
+        _check_range(name, value)
     return value
 
 
+def _check_range(name: str, value: float) -> None:
+    low, high = _RANGES[name]
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} {value}: must be a finite number")
+    if low is not None and value < low:
+        raise ConfigError(f"{name} {value}: must be >= {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} {value}: must be <= {high}")
+
+
 def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "config") -> Config:
-    """A new config from ``base`` with ``values`` applied, every key and value checked."""
+    """A new config from ``base`` with ``values`` applied, every key and value checked.
+
+    Errors name ``where`` and the key; with ``where=""`` (the command line) the flag."""
     updates = {}
     for key, value in values.items():
         if key in _ALIASES:
@@ -142,7 +172,7 @@ def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "
         try:
             updates[key] = _coerce(key, value)
         except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
+            raise ConfigError(f"{where}: {err}" if where else f"--{err}") from None
     return dataclasses.replace(base or Config(), **updates)
 
 
@@ -250,7 +280,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     given = {k: v for k, v in vars(args).items() if k in FIELDS or k in _ALIASES
              or (k.startswith("no_") and k[3:] in FIELDS)}
     values = {k: v if isinstance(v, bool) else _parse_value(k, v) for k, v in given.items()}
-    return from_dict(values, cfg, where="command line")
+    return from_dict(values, cfg, where="")
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
@@ -260,8 +290,14 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> Config
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = unknown[0].lstrip("-").split("=")[0]
-        parser.error(f"unknown flag {unknown[0]!r}{_nearest(flag)}")
+        _exit(parser, f"unknown flag {unknown[0]!r}{_nearest(flag)}")
     try:
         return config_from_args(args)
     except ConfigError as err:
-        parser.error(str(err))
+        _exit(parser, str(err))
+
+
+def _exit(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+    """argparse's error exit without its usage: with one flag per key that is forty lines
+    burying the one that matters."""
+    parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")

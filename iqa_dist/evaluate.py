@@ -17,7 +17,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .config import Config
-from .data.stream import Split, eval_loader, load_split, to_model_input
+from .config import Config, from_dict
+from .data.stream import ShardError, Split, batches, eval_loader, load_split, to_model_input
 from .metrics import aggregate_by_key, compute_metrics
 from .tools import load_trained, markdown_table
 
@@ -76,10 +76,10 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
                          world=accelerator.num_processes, workers=cfg.workers,
                          random_crop=cfg.test_random_crop, seed=cfg.seed)
     keys, preds, labels = [], [], []
-    batches, dummy = iter(loader), None
+    loaded, dummy = iter(batches(loader)), None
     dtype = next(model.parameters()).dtype
     while True:
-        batch = next(batches, None)
+        batch = next(loaded, None)
         if not _any_rank(accelerator, batch is not None):
             break
         images = batch[0] if batch is not None else dummy
@@ -203,30 +203,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trained = load_trained(args.checkpoint)
         overrides = {k: v for k, v in (("test_patch_num", args.test_patch_num), ("workers", args.workers),
-                                       ("split_round", args.round)) if v is not None}
-        cfg = replace(trained.cfg, mixed_precision=args.mixed_precision, **overrides)
+                                       ("split_round", args.round), ("batch_size", args.batch_size),
+                                       ("mixed_precision", args.mixed_precision)) if v is not None}
+        cfg = from_dict(overrides, trained.cfg, where="")  # the config's ranges hold here too
         roots = [shards_path(cfg, s) for s in args.shards]
         splits = [load_split(root, args.split, cfg.split_round) for root in roots]
-    except (FileNotFoundError, ValueError) as err:  # the same on every rank: all leave together
+        for split in splits:
+            split.check_shards()
+    except (FileNotFoundError, ValueError, ShardError) as err:  # the same on every rank: all leave together
         print(f"error: {err}", file=sys.stderr)
         return 2
     accelerator = make_accelerator(cfg)
     model = trained.model.to(accelerator.device)
-    results = []
+    results, failed = [], []
     for name, split in zip(_set_names(roots), splits):
         if accelerator.is_main_process:
             print(f"evaluating {name} ({split.name}: {len(split)} images) on "
                   f"{accelerator.num_processes} process(es)", flush=True)
-        results.append(evaluate_set(model, name, split, cfg, accelerator, trained.card, args.batch_size))
-    if accelerator.is_main_process:
+        try:
+            results.append(evaluate_set(model, name, split, cfg, accelerator, trained.card))
+        except ShardError as err:  # a broken set costs its own result only
+            failed.append(f"{name}: {err}")
+            print(f"error: {failed[-1]}", file=sys.stderr, flush=True)
+    if accelerator.is_main_process and results:
         out = args.out or default_out(trained.weights)
         header = (f"# Cross-data-set evaluation\n\nmodel: `{trained.weights}` ({cfg.model_size}), trained on "
                   f"{trained.card.get('name', '?')} ({_label_text(trained.card)}); split `{args.split}`, "
                   f"{cfg.test_patch_num} crops per image, {accelerator.num_processes} process(es)")
+        header += "".join(f"\n\nnot evaluated: {f}" for f in failed)
         write_results(out, results, header)
         print(markdown_table([r.row for r in results], RESULT_COLUMNS))
         print(f"results in {out}")
     accelerator.end_training()
+    if failed:
+        print(f"{len(failed)} of {len(splits)} sets not evaluated (reasons above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,21 +53,26 @@ class Skipped:
 
 
 def expand_inputs(args: Iterable[str]) -> tuple[list[Path], list[Skipped]]:
-    """Files named by paths, folders (their files, not recursed) and glob patterns, in order."""
+    """Files named by paths, folders (their files, not recursed) and glob patterns, in order;
+    and what was skipped: missing names, empty folders, broken symbolic links."""
     files: dict[Path, None] = {}
     missing = []
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        elif path.exists():
-            found = [path]
+            listed = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        elif path.exists() or path.is_symlink():
+            listed = [path]
         else:
-            found = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
-            if not found:
-                missing.append(Skipped(arg, "no such file" if not glob.has_magic(arg) else "matches no file"))
-        if path.is_dir() and not found:
-            missing.append(Skipped(arg, "folder holds no files"))
+            listed = sorted(Path(p) for p in glob.glob(arg, recursive=True))
+        found = [p for p in listed if p.is_file()]
+        broken = [p for p in listed if p.is_symlink() and not p.exists()]
+        missing += [Skipped(str(p), f"broken symbolic link (to {os.readlink(p)}, which does not exist)")
+                    for p in broken]
+        if not found and not broken:
+            reason = ("folder holds no files" if path.is_dir() else
+                      "matches no file" if glob.has_magic(arg) else "no such file")
+            missing.append(Skipped(arg, reason))
         files.update(dict.fromkeys(found))
     return list(files), missing
 
@@ -180,8 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is not None and args.out.suffix.lower() not in OUT_FORMATS:
         p.error(f"--out {args.out}: give a .csv or .parquet file")
-    if args.batch_size < 1 or (args.test_patch_num is not None and args.test_patch_num < 1):
-        p.error("--batch_size and --test_patch_num must be positive")
+    if args.batch_size < 1 or (args.test_patch_num is not None and args.test_patch_num < 1) or args.workers < 0:
+        p.error("--batch_size and --test_patch_num must be positive, --workers at least 0")
     return args
 
 

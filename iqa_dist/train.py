@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, for_world, parse_config, save_yaml
-from .data.stream import load_split, steps_per_epoch, to_model_input, train_loader
+from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .evaluate import card_of, predict_split, same_direction, split_metrics
 from .losses import iqa_loss
 from .optim import base_lr, build_optimizer, build_scheduler, is_hyper
@@ -161,6 +161,7 @@ class State:
     bad_epochs: int = 0  # epochs without improvement, for early stopping
     loss_sum: float = 0.0  # of the current epoch, so a resumed epoch reports the same mean
     finished: bool = False  # early-stopped: a resumed run goes straight to the final test
+    bad_samples: int = 0  # unreadable images this process skipped (limit: max_bad_samples)
     history: list[dict] = field(default_factory=list)
 
 
@@ -171,11 +172,13 @@ class Trainer:
         world = self.accelerator.num_processes
         cfg = self.cfg = for_world(cfg, world)
         self.run_dir = resolve_run_dir(cfg, self.accelerator)
+        ckpt.prepare_run_dir(self.run_dir)
         set_determinism(cfg)
         self.shards = shards_path(cfg)
         self.train_split = load_split(self.shards, "train", cfg.split_round)
         self.val_split = load_split(self.shards, "val", cfg.split_round)
         self.test_split = load_split(self.shards, "test", cfg.split_round)
+        check_splits(self.shards, self.train_split, self.val_split, self.test_split)
         self.card = card_of(self.shards)
         self.steps = steps_per_epoch(len(self.train_split), cfg.train_patch_num, cfg.batch_size, world,
                                      cfg.grad_accum)
@@ -206,6 +209,11 @@ class Trainer:
         if self.main:
             tqdm.write(text)
 
+    def warn(self, text: str) -> None:
+        """A warning about this rank's own state (its data, its random state): from any rank."""
+        rank = f"rank {self.accelerator.process_index}: " if self.accelerator.num_processes > 1 else ""
+        tqdm.write(f"warning: {rank}{text}", file=sys.stderr)
+
     # -------------------------------------------------- checkpoints
 
     def save(self) -> Path:
@@ -221,7 +229,15 @@ class Trainer:
         return path or ckpt.checkpoints_dir(self.run_dir) / f"step-{self.state.global_step:08d}"
 
     def load(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
+        problem = ckpt.random_state_problem(path, self.accelerator.process_index)
+        if problem:
+            self.warn(f"{problem}: resuming without it, so this run will not be bit-identical to an "
+                      "uninterrupted one")
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as err:  # a damaged file or another model: whatever the loaders raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ckpt.CheckpointError(f"{path}: cannot be loaded ({first})") from None
         saved = ckpt.read_trainer_state(path)
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.state = State(**saved)
@@ -290,34 +306,62 @@ class Trainer:
         return loss.item()
 
     def train_epoch(self) -> float:
-        st, cfg = self.state, self.cfg
+        st = self.state
         self.loader.dataset.set_epoch(st.epoch)
-        batches = islice(iter(self.loader), st.step_in_epoch, self.steps)  # replays a resumed epoch
         bar = tqdm(total=self.steps, initial=st.step_in_epoch, disable=not self.main,
-                   desc=f"epoch {st.epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+                   desc=f"epoch {st.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True, leave=False)
+        try:
+            self.run_steps(bar)
+        finally:  # a failing step must not leave a half-drawn bar in front of its error line
+            bar.close()
+        return st.loss_sum / max(1, st.step_in_epoch)
+
+    def run_steps(self, bar: tqdm) -> None:
+        st, cfg = self.state, self.cfg
+        epoch = islice(batches(self.loader), st.step_in_epoch, self.steps)  # replays a resumed epoch
         recent, start, seen = [], time.time(), 0
-        for images, labels, _ in batches:
+        for images, labels, _, bad in epoch:
+            self.count_bad(bad)
             loss = self.train_step(images, labels)
             st.step_in_epoch += 1
             st.global_step += 1
             st.loss_sum += loss
             recent = (recent + [loss])[-cfg.log_every:]
             seen += len(labels) * self.accelerator.num_processes
-            stop, diverged = self.agree(self.stop.raised, not math.isfinite(loss))
-            if diverged:
-                raise Diverged(f"loss is {loss} at epoch {st.epoch + 1}, step {st.step_in_epoch}: "
-                               f"stopped; the last good checkpoint is {self.run_dir}/checkpoints/last")
-            if stop and st.step_in_epoch % cfg.grad_accum == 0:  # mid-cycle gradients would be lost
-                self.log(f"stop requested: saving at step {st.global_step}")
-                path = self.save()
-                ckpt.mark_preempted(self.run_dir, self.accelerator.process_index, path)
-                raise Preempted()
+            self.after_step(loss)
             bar.update(1)
             if st.step_in_epoch % cfg.log_every == 0 or st.step_in_epoch == self.steps:
                 bar.set_postfix(loss=f"{np.mean(recent):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                 samples_s=f"{seen / (time.time() - start):.0f}")
-        bar.close()
-        return st.loss_sum / max(1, st.step_in_epoch)
+
+    def after_step(self, loss: float) -> None:
+        """All ranks agree on stopping: a diverged loss, too many bad samples, a stop request."""
+        st, cfg = self.state, self.cfg
+        too_bad = st.bad_samples > cfg.max_bad_samples
+        stop, diverged, too_bad = self.agree(self.stop.raised, not math.isfinite(loss), too_bad)
+        if diverged:
+            raise Diverged(f"loss is {loss} at epoch {st.epoch + 1}, step {st.step_in_epoch}: "
+                           f"stopped; {self.last_good()}")
+        if too_bad:
+            raise ShardError(f"more than max_bad_samples ({cfg.max_bad_samples}) unreadable samples on a "
+                             f"process (here {st.bad_samples}, named in the warnings above): stopped; "
+                             "repack the set, or raise max_bad_samples")
+        if stop and st.step_in_epoch % cfg.grad_accum == 0:  # mid-cycle gradients would be lost
+            self.log(f"stop requested: saving at step {st.global_step}")
+            path = self.save()
+            ckpt.mark_preempted(self.run_dir, self.accelerator.process_index, path)
+            raise Preempted()
+
+    def count_bad(self, problems: list[str]) -> None:
+        """Bad samples the loader skipped (their patches were cut from other images)."""
+        for problem in problems:
+            self.state.bad_samples += 1
+            self.warn(f"skipped a bad sample ({self.state.bad_samples} of at most {self.cfg.max_bad_samples}): "
+                      f"{problem}")
+
+    def last_good(self) -> str:
+        last = ckpt.checkpoints_dir(self.run_dir) / "last"
+        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
 
     def validate(self) -> dict[str, float]:
         return split_metrics(predict_split(self.model, self.val_split, self.cfg, self.accelerator))
@@ -383,7 +427,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.given, self.run_dir / "config.yaml")
         self.accelerator.wait_for_everyone()
-        resume = ckpt.resolve_resume(cfg.resume, self.run_dir)
+        resume = ckpt.resolve_resume(cfg.resume, self.run_dir, warn=self.log)
         self.accelerator.wait_for_everyone()
         if self.main:
             ckpt.clear_preempted(self.run_dir)
@@ -415,10 +459,13 @@ class Trainer:
                                    "backend": torch.distributed.get_backend() if torch.distributed.is_initialized()
                                    else "none",  # nccl, gloo: what the ranks really talked over
                                    "batch_size_per_process": self.cfg.batch_size,
-                                   "global_batch_size": self.cfg.global_batch_size, "lr": self.cfg.lr}
+                                   "global_batch_size": self.cfg.global_batch_size, "lr": self.cfg.lr,
+                                   "bad_samples": self.state.bad_samples}
         test_preds = predict_split(self.model, self.test_split, self.cfg, self.accelerator)
         results["test"] = split_metrics(test_preds)  # the model predicts this set's own labels
         for name in self.cross_sets():
+            if self.main:  # written as it grows: a cross-data-set that fails loses no other result
+                ckpt.write_json(self.run_dir / "results.json", results)
             path = shards_path(self.cfg, name)
             preds = predict_split(self.model, load_split(path, "all"), self.cfg, self.accelerator)
             results[f"cross_{name}"] = split_metrics(preds, same_direction(self.card, card_of(path)))
@@ -440,6 +487,18 @@ class Trainer:
         for n in set(self.cfg.cross_datasets) - set(found):
             self.log(f"warning: cross-data-set {n!r} not packed under {self.cfg.shards_root}: skipped")
         return found
+
+
+def check_splits(root: Path, train: Split, val: Split, test: Split) -> None:
+    """Refuse at start what would fail at the end: a missing shard, or a val or test split
+    on which no correlation can be computed (selection and the final test need one)."""
+    for split in (train, val, test):
+        split.check_shards()
+    for split in (val, test):
+        problem = split.unrankable()
+        if problem:
+            raise ConfigError(f"{root}: {problem} (SRCC needs two images with different labels); "
+                              "pack with a larger share for it (--split) or more images")
 
 
 # ---------------------------------------------------------------- API and command line
@@ -479,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except Preempted:
         return ckpt.EXIT_PREEMPTED
-    except (Diverged, FileNotFoundError, ConfigError) as err:
+    except (Diverged, FileNotFoundError, ConfigError, ShardError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

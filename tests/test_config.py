@@ -1,9 +1,12 @@
 """Configuration: YAML + command line, the original flag names, clear errors."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from iqa_dist.config import Config, ConfigError, for_world, from_dict, load_yaml, parse_config, save_yaml
+from iqa_dist.config import (_HINTS, _RANGES, Config, ConfigError, for_world, from_dict, load_yaml, parse_config,
+                             save_yaml)
 from iqa_dist.models.backbones import BACKBONES
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -127,3 +130,48 @@ def test_seed_configs_state_the_seeds_global_batch(name, global_batch):
     cfg = load_yaml(CONFIGS / f"{name}.yaml")
     assert for_world(cfg, 1).batch_size == global_batch
     assert for_world(cfg, 8).global_batch_size == global_batch and for_world(cfg, 8).lr == cfg.lr
+
+
+def test_every_numeric_key_has_a_range():
+    numeric = {name for name, hint in _HINTS.items() if hint in (int, float)}
+    assert numeric == set(_RANGES)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("batch_size", "-4", "--batch_size -4: must be >= 1"),
+    ("batch_size", "0", "--batch_size 0: must be >= 1"),
+    ("train_patch_num", "0", "--train_patch_num 0: must be >= 1"),
+    ("max_steps_per_epoch", "-3", "--max_steps_per_epoch -3: must be >= 0"),
+    ("patch_size", "0", "--patch_size 0: must be >= 32"),
+    ("workers", "-1", "--workers -1: must be >= 0"),
+    ("lr", "-0.1", "--lr -0.1: must be >= 0"),
+    ("lr", "nan", "--lr nan: must be a finite number"),
+    ("epochs", "0", "--epochs 0: must be >= 1"),
+    ("dropout_rate", "1.5", "--dropout_rate 1.5: must be <= 1"),
+    ("seed", "-1", "--seed -1: must be >= 0"),
+])
+def test_out_of_range_flag_is_one_line(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_config([f"--{flag}", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_out_of_range_yaml_value_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: -4\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: batch_size -4: must be >= 1$"):
+        load_yaml(path)
+
+
+def test_lr_zero_is_a_legitimate_frozen_check():
+    assert parse_config(["--lr", "0"]).lr == 0.0
+
+
+@pytest.mark.parametrize("flag, value", [("batch_size", "-4"), ("train_patch_num", "0")])
+def test_values_that_used_to_hang_training_end_at_once(flag, value):
+    done = subprocess.run([sys.executable, "-m", "iqa_dist.train", "--dataset", "nowhere", f"--{flag}", value],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(f"error: --{flag} {value}: must be >= 1 (see --help)")
+    assert done.stderr.count("\n") == 1

@@ -98,3 +98,17 @@ def test_two_ranks_score_each_image_exactly_once(trained_run, small_shards, one_
               if r["set"] == "shards"}
     assert ours.keys() == single.keys()
     assert all(ours[k] == pytest.approx(single[k], abs=1e-5) for k in ours)
+
+
+def test_a_broken_set_is_one_line_and_the_finished_sets_are_written(trained_run, small_shards, tmp_path, capsys):
+    from test_stream import broken_copy
+
+    broken, shard = broken_copy(small_shards, tmp_path, "truncated")
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(trained_run), "--shards", str(broken), str(small_shards), "--out", str(out),
+                 "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"error: broken: {shard}: unreadable, truncated or corrupted" in err
+    assert set(results(out)) == {"shards"}  # the set after the broken one was still evaluated and written
+    assert "not evaluated: broken:" in (out / "results.md").read_text()

@@ -15,6 +15,7 @@ from PIL import Image
 from iqa_dist.data.stream import eval_crops, to_model_input
 from iqa_dist.predict import expand_inputs, fixed_batches, main, score_files
 from iqa_dist.tools import load_trained
+from test_images import declaring, encode
 from test_train import machinery_args, run, train_cmd
 
 
@@ -33,7 +34,8 @@ def trained_run(small_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A good image, one smaller than a crop, a truncated JPEG and a text file."""
+    """A good image, one smaller than a crop, a truncated JPEG, a text file, a decompression
+    bomb (a PNG declaring 20000x20000 pixels) and a broken symbolic link."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (260, 300, 3), dtype=np.uint8)).save(root / "good.png")
@@ -42,6 +44,8 @@ def folder(tmp_path_factory) -> Path:
     (root / "corrupt.jpg").write_bytes((root / "whole.jpg").read_bytes()[:400])
     (root / "whole.jpg").unlink()
     (root / "notes.txt").write_text("not an image\n")
+    (root / "bomb.jpg").write_bytes(declaring(encode(Image.new("RGB", (16, 16))), 20000, 20000))
+    (root / "gone.jpg").symlink_to(root / "deleted.jpg")
     return root
 
 
@@ -61,6 +65,9 @@ def test_folder_is_scored_and_bad_files_are_skipped_with_reasons(scored_folder, 
     assert "Traceback" not in done.stderr
     assert f"skipped {folder / 'corrupt.jpg'}: unreadable image" in done.stderr
     assert f"skipped {folder / 'notes.txt'}: unreadable image (not an image format" in done.stderr
+    assert f"skipped {folder / 'bomb.jpg'}: 20000x20000 is 400 megapixels, over the limit of 64" in done.stderr
+    assert f"skipped {folder / 'gone.jpg'}: broken symbolic link (to {folder / 'deleted.jpg'}, " in done.stderr
+    assert "4 of 6 inputs skipped" in done.stderr
     rows = list(csv.DictReader(open(out)))
     assert [Path(r["path"]).name for r in rows] == ["good.png", "tiny.png"]
     assert all(np.isfinite(float(r["score"])) for r in rows)
@@ -108,6 +115,9 @@ def test_inputs_expand_folders_and_globs_and_report_missing(folder, tmp_path):
     assert [f.name for f in files] == ["good.png", "tiny.png"]  # no duplicates
     assert [(Path(m.path).name, m.reason) for m in missing] == [("nothere.jpg", "no such file"),
                                                                 ("*.webp", "matches no file")]
+    files, missing = expand_inputs([str(folder / "gone.jpg"), str(folder / "g*.jpg")])
+    assert not files and [Path(m.path).name for m in missing] == ["gone.jpg", "gone.jpg"]
+    assert all(m.reason.startswith("broken symbolic link") for m in missing)
 
 
 def test_missing_checkpoint_is_one_line(folder, tmp_path, capsys):

@@ -1,5 +1,9 @@
 """The patch stream: decode once, disjoint readers, equal batch counts, exact replay."""
+import io
+import shutil
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +26,8 @@ def _epoch_counts(split, epoch, *, world, workers, patch_num, batch_size):
         loader.dataset.set_epoch(epoch)
         mine = list(loader)
         batches.append(len(mine))
-        assert all(len(keys) == batch_size for _, _, keys in mine)
-        counts.update(k for _, _, keys in mine for k in keys)
+        assert all(len(keys) == batch_size for _, _, keys, _ in mine)
+        counts.update(k for _, _, keys, _ in mine for k in keys)
     return counts, batches
 
 
@@ -61,7 +65,7 @@ def test_batches_mix_references_like_uniform_draws(tmp_path):
     ref_of = {r["key"]: r["ref"] for r in read_manifest(out)}
     loader = train_loader(split, patch_num=patch_num, patch_size=32, batch_size=batch_size, seed=0,
                           rank=0, world=1, workers=0, shuffle_buffer=40)
-    ours = np.mean([len({ref_of[k] for k in keys}) for _, _, keys in loader])
+    ours = np.mean([len({ref_of[k] for k in keys}) for _, _, keys, _ in loader])
     rng = np.random.default_rng(0)
     patches = np.repeat(np.arange(refs), per_ref * patch_num)
     uniform = np.mean([len(set(rng.choice(patches, batch_size, replace=False))) for _ in range(2000)])
@@ -92,7 +96,7 @@ def test_each_image_is_decoded_once_per_epoch(small_shards, monkeypatch):
 
     monkeypatch.setattr(stream, "open_rgb", counting)
     ds = TrainPatches(split, 6, 224, batch_size=4, seed=0, rank=0, world=1, shuffle_buffer=3)
-    assert sum(len(keys) for _, _, keys in ds) >= 6 * len(split)
+    assert sum(len(keys) for _, _, keys, _ in ds) >= 6 * len(split)
     assert len(decoded) == len(split) and set(decoded.values()) == {1}
 
 
@@ -112,7 +116,7 @@ def test_epoch_replays_exactly_and_differs_across_epochs_and_ranks(small_shards)
 
 def test_loaders_yield_uint8_and_the_device_side_normalises(small_shards):
     split = load_split(small_shards, "train")
-    x, _, _ = next(iter(TrainPatches(split, 8, 224, batch_size=16, seed=0, rank=0, world=1, shuffle_buffer=16)))
+    x, _, _, _ = next(iter(TrainPatches(split, 8, 224, batch_size=16, seed=0, rank=0, world=1, shuffle_buffer=16)))
     assert x.dtype == torch.uint8 and x.shape == (16, 224, 224, 3)
     y = to_model_input(x, "cpu")
     assert y.dtype == torch.float32 and y.shape == (16, 3, 224, 224) and y.is_contiguous()
@@ -200,3 +204,84 @@ def test_split_rounds_differ_and_unknown_round_is_a_clear_error(small_shards):
     assert load_split(small_shards, "test", 0).keys != load_split(small_shards, "test", 1).keys
     with pytest.raises(ConfigError, match="no split round 5"):
         load_split(small_shards, "test", 5)
+
+
+# ---------------------------------------------------------------- bad shards and bad samples
+
+
+def broken_copy(shards: Path, dest: Path, how: str, key: str | None = None) -> tuple[Path, Path]:
+    """A copy of a packed set with a shard damaged (``how``): the first, or the one holding
+    ``key`` (whose image is the bad one); (copy, that shard)."""
+    copy = dest / "broken"
+    shutil.copytree(shards, copy)
+    shard = copy / next(r["shard"] for r in read_manifest(copy) if key in (None, r["key"]))
+    data = shard.read_bytes()
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":  # cut inside a member's data
+        shard.write_bytes(data[:len(data) // 2 + 100])
+    elif how == "cut between members":  # a shorter archive, as far as tar can tell
+        with tarfile.open(shard) as tar:
+            second_sample = tar.getmembers()[2].offset
+        shard.write_bytes(data[:second_sample])
+    elif how == "garbage":
+        shard.write_bytes(b"\x00\x01not a tar" * 999)
+    elif how == "bad image":  # a valid tar whose first image does not decode
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(shard, "w") as tar:
+            bad = key or members[0][0].name.split(".")[0]
+            for member, content in members:
+                content = b"\x89PNG garbage" if member.name == f"{bad}.png" else content
+                member.size = len(content)
+                tar.addfile(member, io.BytesIO(content))
+    return copy, shard
+
+
+def one_line_shard_error(run, shard: Path) -> str:
+    with pytest.raises(stream.ShardError) as err:
+        run()
+    message = str(err.value)
+    assert message.startswith(str(shard)) and "\n" not in message and "Caught" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("how, problem", [("missing", "missing"), ("truncated", "unreadable, truncated"),
+                                          ("cut between members", "images are not in it"),
+                                          ("garbage", "unreadable, truncated or corrupted")])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_shard_is_one_line_naming_it_in_training_and_evaluation(small_shards, tmp_path, how, problem,
+                                                                         workers):
+    copy, shard = broken_copy(small_shards, tmp_path, how)
+    split = load_split(copy, "all")
+    train = train_loader(split, patch_num=2, patch_size=32, batch_size=4, seed=0, rank=0, world=1,
+                         workers=workers, shuffle_buffer=8)
+    assert problem in one_line_shard_error(lambda: list(stream.batches(train)), shard)
+    evaluation = eval_loader(split, patch_num=1, patch_size=32, batch_size=4, rank=0, world=1, workers=workers)
+    assert problem in one_line_shard_error(lambda: list(stream.batches(evaluation)), shard)
+    if how == "missing":
+        assert "missing (listed in" in one_line_shard_error(split.check_shards, shard)
+
+
+def test_training_skips_a_bad_sample_and_keeps_the_epoch_exact(small_shards, tmp_path):
+    copy, shard = broken_copy(small_shards, tmp_path, "bad image")
+    split = load_split(copy, "all")
+    loader = train_loader(split, patch_num=2, patch_size=32, batch_size=4, seed=0, rank=0, world=1,
+                          workers=1, shuffle_buffer=8)
+    good = [b for b in train_loader(load_split(small_shards, "all"), patch_num=2, patch_size=32, batch_size=4,
+                                    seed=0, rank=0, world=1, workers=1, shuffle_buffer=8)]
+    got = list(stream.batches(loader))
+    assert len(got) == len(good) and all(len(keys) == 4 for _, _, keys, _ in got)
+    bad = [problem for *_, problems in got for problem in problems]
+    assert len(bad) == 1 and bad[0].startswith(f"{shard}:") and "unreadable image" in bad[0]
+    evaluation = eval_loader(split, patch_num=1, patch_size=32, batch_size=4, rank=0, world=1, workers=1)
+    assert "unreadable image" in one_line_shard_error(lambda: list(stream.batches(evaluation)), shard)
+
+
+def test_a_split_too_small_or_flat_to_rank_says_why(small_shards):
+    val = load_split(small_shards, "val")
+    assert val.unrankable() is None
+    one = stream.Split(val.root, "val", dict(list(val.shard_of.items())[:1]), {})
+    assert one.unrankable() == "the val split holds 1 image(s): too few to rank"
+    flat = stream.Split(val.root, "val", val.shard_of, dict.fromkeys(val.shard_of, 50.0))
+    assert flat.unrankable() == f"the val split's {len(val)} images all have the label 50: nothing to rank"

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from iqa_dist.checkpoint import EXIT_PREEMPTED
-from iqa_dist.config import Config, from_dict
+from iqa_dist.config import Config, ConfigError, from_dict
 from iqa_dist.optim import build_optimizer, build_scheduler
+from iqa_dist.pack import read_manifest
 from iqa_dist.train import Preempted, Trainer, train
+from iqa_dist.train import main as train_main
 
 REPO = Path(__file__).parents[1]
 
@@ -211,6 +213,118 @@ def test_nan_loss_stops_with_a_clear_message(small_shards, tmp_path):
     assert out.returncode == 1
     assert "loss is nan" in out.stderr or "loss is inf" in out.stderr
     assert "Traceback" not in out.stderr
+    # it diverges in the first epoch, before any checkpoint: none is named
+    assert "no checkpoint had been written yet" in out.stderr and "checkpoints/last" not in out.stderr
+
+
+# ---------------------------------------------------------------- bad input and faults
+
+
+def with_manifest(shards: Path, dest: Path, change) -> Path:
+    """A copy of a packed set whose manifest rows went through ``change``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shutil
+
+    copy = dest / "copy"
+    shutil.copytree(shards, copy)
+    rows = pq.read_table(copy / "manifest.parquet").to_pylist()
+    pq.write_table(pa.Table.from_pylist([change(r) for r in rows]), copy / "manifest.parquet")
+    return copy
+
+
+def test_a_val_split_too_small_to_rank_is_refused_at_start(small_shards, tmp_path):
+    keep = {r["key"] for r in read_manifest(small_shards) if r["split_0"] == "val"}
+    keep = sorted(keep)[0]
+    one_val = with_manifest(small_shards, tmp_path / "one", lambda r: dict(r, split_0="train") if
+                            r["split_0"] == "val" and r["key"] != keep else r)
+    with pytest.raises(ConfigError, match=r"the val split holds 1 image\(s\): too few to rank"):
+        train(machinery_config(one_val, tmp_path / "run1"))
+    flat = with_manifest(small_shards, tmp_path / "flat", lambda r: dict(r, label=7.0) if r["split_0"] == "test" else r)
+    with pytest.raises(ConfigError, match=r"the test split's 6 images all have the label 7: nothing to rank"):
+        train(machinery_config(flat, tmp_path / "run2"))
+    assert not (tmp_path / "run1" / "checkpoints" / "last").exists()
+
+
+def test_a_truncated_shard_stops_training_with_one_line(small_shards, tmp_path, capsys):
+    from test_stream import broken_copy
+
+    broken, shard = broken_copy(small_shards, tmp_path, "truncated")
+    assert train_main(machinery_args(broken, tmp_path / "run", "--epochs", "1")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {shard}: unreadable, truncated or corrupted")
+
+
+def test_bad_samples_are_skipped_counted_and_limited(small_shards, tmp_path, capsys):
+    from test_stream import broken_copy
+
+    key = next(r["key"] for r in read_manifest(small_shards) if r["split_0"] == "train")
+    broken, shard = broken_copy(small_shards, tmp_path, "bad image", key)
+    full_epoch = dict(max_steps_per_epoch=0, epochs=1, workers=0)
+    results = train(machinery_config(broken, tmp_path / "run", **full_epoch, max_bad_samples=5))
+    assert results["bad_samples"] >= 1
+    assert f"warning: skipped a bad sample (1 of at most 5): {shard}:{key}: unreadable image" in capsys.readouterr().err
+    assert train_main(machinery_args(broken, tmp_path / "strict", "--max_steps_per_epoch", "0", "--epochs", "1",
+                                     "--max_bad_samples", "0")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: more than max_bad_samples (0) unreadable samples on a process")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(small_shards, tmp_path_factory) -> Path:
+    """A run of two epochs of two steps: checkpoints step-2 and step-4."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    train(machinery_config(small_shards, run_dir, epochs=2, max_steps_per_epoch=2))
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
+    return run_dir
+
+
+def resumable_copy(run_dir: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_one(small_shards, two_epochs, tmp_path, capsys):
+    run_dir = resumable_copy(two_epochs, tmp_path / "run")
+    truncate(run_dir / "checkpoints" / "step-00000004" / "model.safetensors")
+    results = train(machinery_config(small_shards, run_dir, epochs=2, max_steps_per_epoch=2, resume="latest"))
+    out = capsys.readouterr().out
+    assert f"warning: {run_dir}/checkpoints/last is unreadable (model.safetensors: " in out
+    assert "resuming from the newest readable one" in out and "step-00000002" in out
+    assert results["epochs_run"] == 2  # the second epoch was trained again
+    assert (run_dir / "checkpoints" / "last").resolve().name == "step-00000004"
+
+
+def test_no_readable_checkpoint_is_one_line_pointing_at_it(small_shards, two_epochs, tmp_path, capsys):
+    run_dir = resumable_copy(two_epochs, tmp_path / "run")
+    for step in (run_dir / "checkpoints").glob("step-*"):
+        truncate(step / "model.safetensors")
+    assert train_main(machinery_args(small_shards, run_dir, "--epochs", "2", "--max_steps_per_epoch", "2",
+                                     "--resume", "latest")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {run_dir}/checkpoints/last: unreadable (model.safetensors: ")
+    assert f"remove {run_dir}/checkpoints to start over" in err
+
+
+def test_a_resume_without_random_states_warns(small_shards, two_epochs, tmp_path, capsys):
+    run_dir = resumable_copy(two_epochs, tmp_path / "run")
+    (run_dir / "checkpoints" / "step-00000004" / "random_states_0.pkl").unlink()
+    train(machinery_config(small_shards, run_dir, epochs=3, max_steps_per_epoch=2, resume="latest"))
+    err = capsys.readouterr().err
+    assert "random_states_0.pkl is missing: resuming without it, so this run will not be bit-identical" in err
+
+
+def test_an_unwritable_run_directory_is_one_line_at_start(small_shards, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert train_main(machinery_args(small_shards, tmp_path / "file" / "run")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path}/file/run: cannot write the run directory (Not a directory)"
 
 
 @pytest.mark.slow

@@ -140,6 +140,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(small_shards, 
     ({"search": "grid"}, "space.dropout_rate: search grid needs num"),
     ({"metric": "test_srcc"}, "metric: 'test_srcc' is not one of val_srcc"),
     ({"overrides": {"epocs": 3}}, "overrides: unknown key 'epocs' (did you mean 'epochs'?)"),
+    ({"overrides": {"batch_size": -4}}, "overrides: batch_size -4: must be >= 1"),
+    ({"space": {"lr": {"type": "uniform", "low": -0.1, "high": 0.1}}}, "space.lr: lr -0.1: must be >= 0"),
+    ({"space": {"train_patch_num": {"type": "choice", "values": [4, 0]}}},
+     "space.train_patch_num: train_patch_num 0: must be >= 1"),
 ])
 def test_a_bad_sweep_file_names_the_file_and_the_key(tmp_path, change, message, capsys):
     path = tmp_path / "bad.yaml"

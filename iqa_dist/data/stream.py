@@ -17,6 +17,14 @@ crops (with horizontal flips); a shuffle buffer mixes patches across images befo
 batching in the worker. Everything is a function of (seed, epoch, rank, worker): an
 epoch replays exactly, which is how a resumed run skips what it has done.
 
+Bad data. A shard that is missing, truncated or not a tar archive raises ``ShardError``
+naming it, in training and evaluation alike (``batches`` unwraps it from the
+DataLoader's worker re-raise). An image that cannot be decoded (or a sample without a
+readable label) is a bad sample: training skips it, cuts its patches from the reader's
+next good image so that every epoch keeps its exact number of batches, and reports it
+with the batch (the loop counts them against ``max_bad_samples``); evaluation stops
+with a ShardError, since a metric over fewer images would be silently different.
+
 Evaluation: deterministic crops (a grid, or crops seeded by the image key), each
 carrying its image key; the split's images are cut into contiguous runs in shard order,
 one per slot, so that every image is read exactly once.
@@ -31,11 +39,11 @@ import math
 import tarfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import count
 from pathlib import Path
-from typing import Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +59,12 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 IMAGE_EXTS = ("png", "jpg", "bmp", "tif", "webp", "gif", "img")
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 NHWC patches, labels, image key of each
+TrainBatch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]  # + the bad samples skipped since the last
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read (missing, truncated, corrupted), or an image in one that
+    cannot be used where none may be skipped; the message is one line naming the shard."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +74,13 @@ class Split:
     root: Path
     name: str
     shard_of: Mapping[str, Path]  # image key -> shard
+    label_of: Mapping[str, float] = field(default_factory=dict)  # image key -> label (from the manifest)
 
     @classmethod
     def from_rows(cls, root: Path, name: str, rows: Iterable[dict]) -> "Split":
-        return cls(root, name, {r["key"]: root / r["shard"] for r in rows})
+        rows = list(rows)
+        return cls(root, name, {r["key"]: root / r["shard"] for r in rows},
+                   {r["key"]: r["label"] for r in rows if "label" in r})
 
     @cached_property
     def keys(self) -> frozenset[str]:
@@ -82,6 +99,21 @@ class Split:
     def __len__(self) -> int:
         return len(self.shard_of)
 
+    def check_shards(self) -> None:
+        """A ShardError now, not mid-epoch, when a shard of the split is gone."""
+        for shard in self.shards:
+            if not shard.is_file():
+                raise ShardError(f"{shard}: missing (listed in {self.root}/manifest.parquet)")
+
+    def unrankable(self) -> str | None:
+        """Why no correlation can be computed on this split (None: it can)."""
+        labels = set(self.label_of.values())
+        if len(self) < 2:
+            return f"the {self.name} split holds {len(self)} image(s): too few to rank"
+        if len(labels) == 1:
+            return f"the {self.name} split's {len(self)} images all have the label {labels.pop():g}: nothing to rank"
+        return None
+
 
 def load_split(root: str | Path, name: str, round_: int = 0) -> Split:
     """Split ``name`` ("train", "val", "test" or "all") of split round ``round_``."""
@@ -96,42 +128,94 @@ def load_split(root: str | Path, name: str, round_: int = 0) -> Split:
 # ---------------------------------------------------------------- reading shards
 
 
-def _read(shard: Path, wanted: Collection[str]) -> Iterator[tuple[str, np.ndarray, float]]:
-    """(key, RGB uint8 array, label) of the ``wanted`` images of one shard, in shard order.
+class Sample(NamedTuple):
+    key: str
+    image: np.ndarray | None  # RGB uint8; None: a bad sample, ``problem`` says why
+    label: float
+    problem: str = ""
+
+
+def _read(shard: Path, expected: Collection[str]) -> Iterator[Sample]:
+    """The ``expected`` samples of one shard (all of them in it), in shard order.
 
     One pass front to back; the data of other images is skipped by seeking past it, so
-    a reader pays for the headers of the shard and its own images only.
+    a reader pays for the headers of the shard and its own images only. A shard that is
+    missing, cut short or no tar archive raises ShardError; so does one that ends before
+    all of ``expected`` (a tar cut at a member's boundary reads as a shorter archive).
     """
     files: dict[str, bytes] = {}
-    current = None
-    with tarfile.open(shard, mode="r:") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key != current:
-                yield from _decoded(shard, current, files)
-                current, files = key, {}
-            if key in wanted and member.isfile():
-                files[ext] = tar.extractfile(member).read()
-        yield from _decoded(shard, current, files)
+    current, seen = None, set()
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if key != current:
+                    yield from _decoded(shard, current, files)
+                    current, files = key, {}
+                if key in expected and member.isfile():
+                    files[ext] = tar.extractfile(member).read()
+                    seen.add(key)
+            yield from _decoded(shard, current, files)
+    except FileNotFoundError:
+        raise ShardError(f"{shard}: missing") from None
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ShardError(f"{shard}: unreadable, truncated or corrupted ({err})") from None
+    lost = sorted(set(expected) - seen)
+    if lost:
+        raise ShardError(f"{shard}: truncated or corrupted: {len(lost)} of its images are not in it "
+                         f"(first: {lost[0]})")
 
 
-def _decoded(shard: Path, key: str | None, files: dict[str, bytes]) -> Iterator[tuple[str, np.ndarray, float]]:
+def _decoded(shard: Path, key: str | None, files: dict[str, bytes]) -> Iterator[Sample]:
     if not files:
         return
-    ext = next((e for e in IMAGE_EXTS if e in files), None)
-    if ext is None:
-        raise BadImage(f"{shard}: sample {key} holds no image")
-    img, _ = open_rgb(files[ext], f"{shard}:{key}")
-    yield key, np.asarray(img), float(json.loads(files["json"])["label"])
+    where = f"{shard}:{key}"
+    try:
+        ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if ext is None:
+            raise BadImage(f"{where}: the sample holds no image")
+        label = _label(files, where)
+        img, _ = open_rgb(files[ext], where)
+    except BadImage as err:
+        yield Sample(key, None, math.nan, str(err))
+        return
+    yield Sample(key, np.asarray(img), label)
+
+
+def _label(files: dict[str, bytes], where: str) -> float:
+    try:
+        return float(json.loads(files["json"])["label"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise BadImage(f"{where}: no readable label ({type(err).__name__}: {err})") from None
 
 
 def _read_in_order(split: Split, wanted: Collection[str],
-                   shard_order: Sequence[Path] | None = None) -> Iterator[tuple[str, np.ndarray, float]]:
-    """The ``wanted`` images of a split, shard by shard (``shard_order`` or sorted)."""
-    shards = {split.shard_of[k] for k in wanted}
-    for shard in (shard_order if shard_order is not None else sorted(shards)):
-        if shard in shards:
-            yield from _read(shard, wanted)
+                   shard_order: Sequence[Path] | None = None) -> Iterator[Sample]:
+    """The ``wanted`` samples of a split, shard by shard (``shard_order`` or sorted)."""
+    by_shard: dict[Path, set[str]] = {}
+    for key in wanted:
+        by_shard.setdefault(split.shard_of[key], set()).add(key)
+    for shard in (shard_order if shard_order is not None else sorted(by_shard)):
+        if shard in by_shard:
+            yield from _read(shard, by_shard[shard])
+
+
+def batches(loader: DataLoader) -> Iterator:
+    """The loader's batches. A ShardError raised in a loader worker comes out as itself,
+    its one line, instead of DataLoader's re-raise carrying the worker's traceback."""
+    try:
+        yield from loader
+    except ShardError as err:
+        raise ShardError(_worker_message(str(err))) from None
+
+
+def _worker_message(text: str) -> str:
+    """DataLoader re-raises a worker's exception with a message of ``Caught ShardError in
+    DataLoader worker process N.`` and the worker's traceback, whose last line is
+    ``<module>.ShardError: <the original message>``."""
+    if not text.startswith("Caught "):
+        return text
+    return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
 
 
 def _fit(arr: np.ndarray, size: int) -> np.ndarray:
@@ -242,24 +326,47 @@ class TrainPatches(IterableDataset):
         return epoch_plan(sorted(self.split.keys), self.patch_num, quotas[:slot + 1],
                           self.seed, self.epoch)[slot]
 
-    def _patches(self, plan: Counter, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, float, str]]:
-        p = self.patch_size
+    def _patches(self, plan: Counter, rng: np.random.Generator,
+                 bad: list[str]) -> Iterator[tuple[np.ndarray, float, str]]:
+        """The plan's patches; a bad sample goes to ``bad`` and its patches are cut from the
+        next good image (the last one at the end), so the plan's count holds."""
         order = [self.split.shards[i] for i in rng.permutation(len(self.split.shards))]
-        for key, arr, label in _read_in_order(self.split, plan, order):
-            arr = _fit(arr, p)
-            h, w = arr.shape[:2]
-            n = plan[key]
-            ys, xs = rng.integers(0, h - p + 1, n), rng.integers(0, w - p + 1, n)
-            for y, x, flip in zip(ys, xs, rng.random(n) < 0.5):
-                patch = arr[y:y + p, x:x + p]
-                yield (patch[:, ::-1] if flip else patch), label, key
+        owed, last = 0, None
+        for sample in _read_in_order(self.split, plan, order):
+            if sample.image is None:
+                bad.append(sample.problem)
+                owed += plan[sample.key]
+                continue
+            yield from self._crops(sample, plan[sample.key] + owed, rng)
+            owed, last = 0, sample
+        if owed and last is None:
+            raise ShardError(f"{bad[-1]} (and every other image of a reader of {self.split.root} is bad too)")
+        if owed:
+            yield from self._crops(last, owed, rng)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _crops(self, sample: Sample, n: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, float, str]]:
+        p = self.patch_size
+        arr = _fit(sample.image, p)
+        h, w = arr.shape[:2]
+        ys, xs = rng.integers(0, h - p + 1, n), rng.integers(0, w - p + 1, n)
+        for y, x, flip in zip(ys, xs, rng.random(n) < 0.5):
+            patch = arr[y:y + p, x:x + p]
+            yield (patch[:, ::-1] if flip else patch), sample.label, sample.key
+
+    def __iter__(self) -> Iterator[TrainBatch]:
         wid, nw = _worker()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid, 1])
         buffer: list[tuple[np.ndarray, float, str]] = []
         batch: list[tuple[np.ndarray, float, str]] = []
-        for item in self._patches(self.plan(wid, nw), rng):
+        bad: list[str] = []  # reported with the next batch, then cleared
+
+        def emit() -> TrainBatch:
+            out = (*_collate(batch), bad[:])
+            batch.clear()
+            bad.clear()
+            return out
+
+        for item in self._patches(self.plan(wid, nw), rng, bad):
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(item)
                 continue
@@ -267,13 +374,11 @@ class TrainPatches(IterableDataset):
             batch.append(buffer[i])
             buffer[i] = item
             if len(batch) == self.batch_size:
-                yield _collate(batch)
-                batch = []
+                yield emit()
         for i in rng.permutation(len(buffer)):  # the plan is whole batches: nothing is left over
             batch.append(buffer[i])
             if len(batch) == self.batch_size:
-                yield _collate(batch)
-                batch = []
+                yield emit()
 
 
 def train_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, seed: int,
@@ -353,9 +458,11 @@ class EvalPatches(IterableDataset):
         keys = self.split.ordered  # contiguous runs in storage order: each slot reads few shards
         mine = frozenset(keys[len(keys) * slot // slots:len(keys) * (slot + 1) // slots])
         p, items = self.patch_size, []
-        for key, arr, label in _read_in_order(self.split, mine):
-            for crop in eval_crops(key, arr, p, self.patch_num, self.random_crop, self.seed):
-                items.append((crop, label, key))
+        for sample in _read_in_order(self.split, mine):
+            if sample.image is None:  # no skipping: metrics over fewer images would silently differ
+                raise ShardError(sample.problem)
+            for crop in eval_crops(sample.key, sample.image, p, self.patch_num, self.random_crop, self.seed):
+                items.append((crop, sample.label, sample.key))
                 if len(items) == self.batch_size:
                     yield _collate(items)
                     items = []
