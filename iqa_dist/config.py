@@ -81,6 +81,8 @@ class Config:
     resume: str | None = None  # latest | path to a checkpoint directory
     max_steps_per_epoch: int = 0  # cap steps per epoch (0: a full pass); for quick runs
     log_every: int = 10
+    dist_timeout_s: int = 600  # collectives give up after this long (torch's default: 30 min); a rank
+    #                            silent this long is declared lost and the others exit with code 3
     plots: bool = True
 
 

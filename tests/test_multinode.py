@@ -1,0 +1,195 @@
+"""Training, sweeping, packing and evaluating across the nodes of a real multi-node SLURM
+cluster (tests/cluster/start.sh 2: one slurmctld, each slurmd in its own network and UTS
+namespace on a bridge), with a node lost.
+
+A lost node is its processes killed (SIGKILL), found only among the processes of that
+node's network namespace: nothing outside the test cluster is ever signalled.
+Skipped, with the reason, without root or without the cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import slurm
+from test_train import MACHINERY, REPO, accelerate_cmd, assert_identical, final_weights, run
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.multinode]
+MN = slurm.MULTINODE
+NODES = ("iqa-node1", "iqa-node2")
+# One CPU rank on each node (gloo over the bridge); 1 CPU per node, so that two jobs fit.
+TRAIN_ENV = {"IQA_CPU": "1", "GPUS_PER_NODE": "1", "IQA_LAUNCH_CONFIG": "launch/cpu_2proc.yaml",
+             "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "-c", "1", "--mem=3G"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("multi-node tests need root (network namespaces, nsenter): "
+                    "run tests/cluster/start.sh 2 and pytest as root")
+    reason = MN.unavailable(nodes=2)
+    if reason:
+        pytest.skip(reason)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def node_pids(node: str, *needles: str) -> list[int]:
+    """Processes in ``node``'s network namespace whose command line contains every needle."""
+    out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, timeout=30).stdout
+    found = []
+    for pid in (int(p) for p in out.split()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in cmd for n in needles):
+            found.append(pid)
+    return found
+
+
+def kill_in_node(node: str, pids: list[int]) -> None:
+    """SIGKILL, checking again that each process is in ``node``'s namespace."""
+    netns = os.stat(f"/run/netns/{node}").st_ino
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == netns:
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+def finish(job: int, log: Path, timeout: float) -> tuple[str, int | None]:
+    try:
+        return MN.wait(job, timeout=timeout)
+    except TimeoutError:
+        MN.cancel(job)
+        pytest.fail(f"job {job} did not finish in {timeout}s; log:\n{slurm.output(log)}")
+
+
+def wait_until(predicate, job: int, log: Path, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        st = MN.state(job)[0]
+        if st in slurm.FINAL:
+            pytest.fail(f"job {job} ended ({st}) before {what}:\n{slurm.output(log)}")
+        if time.monotonic() > end:
+            MN.cancel(job)
+            pytest.fail(f"no {what} after {timeout}s:\n{slurm.output(log)}")
+        time.sleep(0.2)
+
+
+def epochs_done(run_dir: Path) -> int:
+    last = run_dir / "checkpoints" / "last" / "trainer.json"
+    try:
+        return json.loads(last.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def ranks_on_nodes(text: str) -> dict[int, str]:
+    """``rank R/W on HOST`` lines of the trainer: rank -> host."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("rank ") and " on " in line:
+            head, _, rest = line.partition(" on ")
+            found[int(head.split()[1].split("/")[0])] = rest.split()[0]
+    return found
+
+
+@pytest.fixture(scope="module")
+def train_config(small_shards, tmp_path_factory) -> Path:
+    cfg = tmp_path_factory.mktemp("mn-config") / "train.yaml"
+    cfg.write_text(yaml.safe_dump(MACHINERY | {"dataset": str(small_shards), "dist_timeout_s": 30}))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def one_node_two_ranks(train_config, tmp_path_factory) -> Path:
+    """The reference: 2 ranks on one node (this machine), the same config and global batch."""
+    run_dir = tmp_path_factory.mktemp("mn-reference") / "run"
+    out = run(accelerate_cmd(["--config", str(train_config), "--run_dir", str(run_dir)], port=29581))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def submit_train(train_config: Path, run_dir: Path, log: Path) -> int:
+    env = TRAIN_ENV | {"IQA_RUN_DIR": str(run_dir), "IQA_CONFIG": str(train_config)}
+    return MN.submit([*TWO_NODES, "-o", str(log), "slurm/train.sh"], env=env, cwd=REPO)
+
+
+# ------------------------------------------------------------------ 1, 2: DDP over nodes, preemption
+
+
+def test_ddp_over_two_nodes_equals_two_ranks_on_one(train_config, one_node_two_ranks, tmp_path):
+    run_dir, log = tmp_path / "job", tmp_path / "job.out"
+    job = submit_train(train_config, run_dir, log)
+    assert finish(job, log, 400) == ("COMPLETED", 0), slurm.output(log)
+    text = slurm.output(log)
+    assert ranks_on_nodes(text) == {0: NODES[0], 1: NODES[1]}, text
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == 3
+    assert_identical(final_weights(run_dir), final_weights(one_node_two_ranks))
+
+
+def test_preemption_across_nodes_requeues_and_ends_with_the_same_weights(train_config, one_node_two_ranks,
+                                                                         tmp_path):
+    run_dir, log = tmp_path / "job", tmp_path / "job.out"
+    job = submit_train(train_config, run_dir, log)
+    wait_until(lambda: epochs_done(run_dir) >= 1, job, log, 300, "checkpoint of epoch 1")
+    MN.signal_batch(job, "USR1")
+    assert finish(job, log, 400) == ("COMPLETED", 0), slurm.output(log)
+    text = slurm.output(log)
+    assert int(MN.job_info(job).get("Restarts", "0")) == 1, text
+    assert "requeueing" in text and "resumed from" in text, text
+    # both nodes saved and left with the preemption code before the requeue
+    for rank, node in enumerate(NODES):
+        assert f"rank {rank} on {node}: checkpoint saved, exit 99" in text, text
+    assert set(ranks_on_nodes(text).values()) == set(NODES), text
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == 3
+    assert_identical(final_weights(run_dir), final_weights(one_node_two_ranks))
+
+
+# ------------------------------------------------------------------ 5: a node lost mid-training
+
+
+def test_node_lost_mid_training_survivor_names_it_and_resume_continues(train_config, one_node_two_ranks,
+                                                                        tmp_path):
+    run_dir, log = tmp_path / "job", tmp_path / "job.out"
+    job = submit_train(train_config, run_dir, log)
+    wait_until(lambda: epochs_done(run_dir) >= 1, job, log, 300, "checkpoint of epoch 1")
+    ranks = node_pids(NODES[1], "-m iqa_dist.train", str(run_dir))
+    ranks = [p for p in ranks if "accelerate" not in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert ranks, f"no rank found on {NODES[1]}:\n{slurm.output(log)}"
+    killed = time.monotonic()
+    kill_in_node(NODES[1], ranks)
+    state, _ = finish(job, log, 120)
+    took = time.monotonic() - killed
+    text = slurm.output(log)
+    assert state == "FAILED", text
+    assert took < 30 + 45, f"the job took {took:.0f}s to end after the kill:\n{text}"  # dist_timeout_s 30
+    assert f"lost rank 1 on {NODES[1]}" in text and "rank 0 on iqa-node1 stops" in text, text
+    done_before = epochs_done(run_dir)
+    assert done_before >= 1
+
+    # resubmitted with the same run directory: train.sh passes --resume latest
+    log2 = tmp_path / "job2.out"
+    job2 = submit_train(train_config, run_dir, log2)
+    assert finish(job2, log2, 400) == ("COMPLETED", 0), slurm.output(log2)
+    text2 = slurm.output(log2)
+    assert f"at epoch {done_before + 1}" in text2 and "resumed from" in text2, text2
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == 3
+    # resumed exactly from an epoch boundary: the same weights as never interrupted
+    assert_identical(final_weights(run_dir), final_weights(one_node_two_ranks))
