@@ -193,3 +193,59 @@ def test_node_lost_mid_training_survivor_names_it_and_resume_continues(train_con
     assert results["world_size"] == 2 and results["epochs_run"] == 3
     # resumed exactly from an epoch boundary: the same weights as never interrupted
     assert_identical(final_weights(run_dir), final_weights(one_node_two_ranks))
+
+
+# ------------------------------------------------------------------ 6: packing and evaluation across nodes
+
+EVALUATE_SH = """#!/bin/bash
+#SBATCH --ntasks-per-node=1
+set -euo pipefail
+cd "$SLURM_SUBMIT_DIR"
+source slurm/common.sh
+iqa_setup
+HEAD=$(iqa_head_node)
+# One accelerate launch per node, as slurm/train.sh does; every node its own machine rank.
+srun --nodes=2 --ntasks=2 --ntasks-per-node=1 bash -c \\
+    'exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launch \\
+    --config_file launch/cpu_2proc.yaml --num_machines 2 --num_processes 2 \\
+    --main_process_ip "$HEAD" --main_process_port "$(iqa_port)" \\
+    -m iqa_dist.evaluate --checkpoint "$CHECKPOINT" --shards "$SHARDS" --out "$OUT" --workers 1
+"""
+
+
+def test_pack_array_spreads_over_nodes_and_evaluation_scores_each_image_once(one_node_two_ranks, tmp_path):
+    from conftest import make_csv_set
+
+    src = make_csv_set(tmp_path / "src", n_refs=4, per_ref=3)
+    shards = tmp_path / "packed"
+    # -c 2: one array task fills a node, so the two tasks run on the two nodes at once
+    env = {**os.environ, "SLURM_CONF": slurm.MULTINODE_CONF, "DATASET": "csv", "ROOT": str(src),
+           "OUT": str(shards), "PACK_ARGS": "--shard_size 3 --rounds 1", "PACK_SLICES": "2",
+           "PACK_SBATCH": " ".join([*slurm.CPU_OVERRIDES, "-c", "2", "-o", f"{tmp_path}/%x-%A_%a.out"])}
+    proc = subprocess.run([*MN.prefix, "bash", "slurm/pack.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array_job, merge_job = (int(x) for x in proc.stdout.split())
+    state = finish(merge_job, tmp_path / "iqa-pack-merge.out", 240)
+    logs = {p.name: slurm.output(p) for p in sorted(tmp_path.glob("*.out"))}
+    everything = "\n".join(f"== {k}\n{v}" for k, v in logs.items())
+    assert state == ("COMPLETED", 0) and MN.state(array_job)[0] == "COMPLETED", everything
+    assert "verify: OK" in everything, everything
+    slices = [v for k, v in logs.items() if k.startswith("iqa-pack-") and "merge" not in k]
+    hosts = {v.split(": on ", 1)[1].split(",")[0] for v in slices}
+    assert len(slices) == 2 and hosts == set(NODES), everything
+    assert len(list(shards.glob("*.tar"))) == 4 and (shards / "manifest.parquet").exists()
+
+    script, out, log = tmp_path / "evaluate.sh", tmp_path / "evaluation", tmp_path / "evaluate.out"
+    script.write_text(EVALUATE_SH)
+    env = TRAIN_ENV | {"CHECKPOINT": str(one_node_two_ranks), "SHARDS": str(shards), "OUT": str(out)}
+    job = MN.submit([*TWO_NODES, "-o", str(log), str(script)], env=env, cwd=REPO)
+    assert finish(job, log, 300) == ("COMPLETED", 0), slurm.output(log)
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(out / "results.parquet").to_pylist()[0]
+    per_rank = [int(n) for n in row["per_rank"].split("/")]
+    assert len(per_rank) == 2 and min(per_rank) > 0, row  # both nodes scored images
+    assert sum(per_rank) == int(row["scored"]) == int(row["images"]) == 12, row  # none twice, none left out
+    keys = [r["key"] for r in pq.read_table(out / "predictions.parquet").to_pylist()]
+    assert len(keys) == len(set(keys)) == 12
