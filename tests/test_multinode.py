@@ -249,3 +249,113 @@ def test_pack_array_spreads_over_nodes_and_evaluation_scores_each_image_once(one
     assert sum(per_rank) == int(row["scored"]) == int(row["images"]) == 12, row  # none twice, none left out
     keys = [r["key"] for r in pq.read_table(out / "predictions.parquet").to_pylist()]
     assert len(keys) == len(set(keys)) == 12
+
+
+# ------------------------------------------------------------------ 3, 4: a sweep over nodes, a node lost
+
+
+def not_slurm(node: str) -> list[int]:
+    """Every process of ``node`` but its slurmd and step daemons: the Ray worker step's
+    processes (ray start, raylet, trial workers) when only a sweep runs there."""
+    out = []
+    for pid in node_pids(node):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm not in ("slurmd", "slurmstepd"):
+            out.append(pid)
+    return out
+
+
+def trial_rows(exp: Path) -> dict[str, list[dict]]:
+    import csv
+
+    rows = {}
+    for log in exp.glob("trial_*/epochs.csv"):
+        try:
+            with open(log) as f:
+                rows[log.parent.name] = list(csv.DictReader(f))
+        except OSError:
+            continue
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sweep_with_a_lost_node(small_shards, tmp_path_factory):
+    """slurm/sweep.sh on 2 nodes (Ray head on node 1, a worker on node 2, 2 CPUs each,
+    trials of 2 CPUs: one per node at a time), ASHA over 4 trials of 3 epochs; once a
+    trial on node 2 has reported its first epoch, node 2's Ray processes are killed."""
+    from test_tune import micro, sweep_dict
+
+    tmp = tmp_path_factory.mktemp("mn-sweep")
+    sweep = tmp / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(sweep_dict(
+        small_shards, tmp / "sweeps", num_samples=4, max_concurrent=2, resources_per_trial={"cpu": 2},
+        max_failures=2, overrides=micro(small_shards, epochs=3),
+        # no rung at epoch 1: a trial that reported epoch 1 is still training when node 2 goes
+        scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2})))
+    exp, log = tmp / "sweeps" / "s", tmp / "sweep.out"
+    env = {"IQA_SWEEP_CONFIG": str(sweep), "OMP_NUM_THREADS": "1", "RAY_START_TIMEOUT": "120"}
+    job = MN.submit(["--nodes=2", "--ntasks-per-node=1", "-c", "2", "--mem=4G", "-o", str(log),
+                     "slurm/sweep.sh"], env=env, cwd=REPO)
+    start = time.monotonic()
+
+    def node2_trial_reported() -> bool:
+        return any(rows and rows[-1]["node"] == NODES[1] for rows in trial_rows(exp).values())
+
+    wait_until(node2_trial_reported, job, log, 300, "a trial reporting from node 2")
+    victims = [t for t, rows in trial_rows(exp).items() if rows and rows[-1]["node"] == NODES[1]]
+    pids = not_slurm(NODES[1])
+    assert pids, slurm.output(log)
+    killed = time.monotonic()
+    kill_in_node(NODES[1], pids)
+    state = finish(job, log, 420)
+    ended = time.monotonic()
+    return {"job": job, "log": log, "exp": exp, "state": state, "victims": victims,
+            "kill_after_s": killed - start, "end_after_kill_s": ended - killed, "sweep": sweep}
+
+
+def test_sweep_over_two_nodes_runs_trials_on_both(sweep_with_a_lost_node, tmp_path):
+    import pandas as pd
+
+    from iqa_dist.config import load_yaml
+
+    s = sweep_with_a_lost_node
+    text = slurm.output(s["log"])
+    assert s["state"] == ("COMPLETED", 0), text
+    assert "Ray cluster up: 2 node(s)" in text, text
+    table = pd.read_csv(s["exp"] / "results.csv")
+    assert len(table) == 4 and set(table["status"]) == {"TERMINATED"}, table.to_string()
+    used = {n for cell in table["node"].dropna() for n in cell.split(",")}
+    assert used == set(NODES), table.to_string()
+    # ASHA finished: every trial ended, at its rung (epoch 2) or at max_t (3)
+    assert table["epochs_run"].isin([2, 3]).all() and (table["epochs_run"] == 3).any(), table.to_string()
+    best = s["exp"] / "best_config.yaml"
+    assert load_yaml(best).model_size == "micro"
+    run_dir = tmp_path / "best"
+    out = run([sys.executable, "-m", "iqa_dist.train", "--config", str(best), "--run_dir", str(run_dir),
+               "--epochs", "1"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 1
+
+
+def test_node_lost_mid_sweep_trials_retried_from_checkpoint_on_node_1(sweep_with_a_lost_node):
+    import pandas as pd
+
+    s = sweep_with_a_lost_node
+    text = slurm.output(s["log"])
+    assert s["state"] == ("COMPLETED", 0), text
+    assert s["end_after_kill_s"] < 400, s
+    table = pd.read_csv(s["exp"] / "results.csv").set_index("trial_id")
+    victims = [v.removeprefix("trial_") for v in s["victims"]]
+    assert victims and set(table.index[table["retried"]]) == set(victims), table.to_string()
+    for trial in victims:
+        row = table.loc[trial]
+        assert row["failures"] >= 1 and row["status"] == "TERMINATED", table.to_string()
+        assert row["node"] == f"{NODES[1]},{NODES[0]}", table.to_string()
+        epochs = [int(r["epoch"]) for r in trial_rows(s["exp"])[f"trial_{trial}"]]
+        # continued from its checkpoint (epoch 1 on node 2), never from scratch
+        assert epochs[0] == 1 and epochs.count(1) == 1 and epochs == sorted(epochs), epochs
+    # the others were never retried
+    assert not table.drop(index=victims)["retried"].any(), table.to_string()

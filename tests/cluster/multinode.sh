@@ -138,6 +138,8 @@ SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=5,bf_interval=5
 EnforcePartLimits=ALL
 JobRequeue=1
+# Job ids apart from the one-node cluster's: jobs name /tmp/ray-JOBID and runs/slurm-JOBID.
+FirstJobId=100000
 MinJobAge=900
 KillWait=10
 UnkillableStepTimeout=60
