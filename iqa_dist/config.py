@@ -81,6 +81,8 @@ class Config:
     resume: str | None = None  # latest | path to a checkpoint directory
     max_steps_per_epoch: int = 0  # cap steps per epoch (0: a full pass); for quick runs
     log_every: int = 10
+    dist_timeout_s: int = 600  # collectives give up after this long (torch's default: 30 min); a rank
+    #                            silent this long is declared lost and the others exit with code 3
     plots: bool = True
     max_bad_samples: int = 10  # unreadable images skipped per process before a run stops
 
@@ -110,6 +112,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "workers": (0, None), "threads": (0, None), "shuffle_buffer": (0, None),
     "split_round": (0, None), "rounds": (1, None), "seed": (0, 2**32 - 1),  # numpy seeds are unsigned
     "max_steps_per_epoch": (0, None), "log_every": (1, None), "max_bad_samples": (0, None),  # 0: none
+    "dist_timeout_s": (1, None),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)

@@ -8,7 +8,9 @@ Selection (best checkpoint, early stopping) uses the validation split only; the 
 split is evaluated once, with the best weights, at the end. ``--rounds N`` repeats the
 whole run on N seeded splits and reports the median. SIGUSR1/SIGTERM on any rank saves
 a checkpoint and exits with code 99 (see checkpoint.EXIT_PREEMPTED); ``--resume latest``
-continues as if never stopped.
+continues as if never stopped. With several processes, a rank that dies (a lost node)
+makes the others exit within ``dist_timeout_s`` with code 3 and a message naming it
+(see liveness.py).
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import csv
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -36,6 +39,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, for_world, parse_config, save_yaml
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .evaluate import card_of, predict_split, same_direction, split_metrics
+from .liveness import EXIT_LOST_RANK, Liveness
 from .losses import iqa_loss
 from .optim import base_lr, build_optimizer, build_scheduler, is_hyper
 from .tools import model_from_config
@@ -53,6 +57,10 @@ class Diverged(RuntimeError):
     pass
 
 
+class LostRank(RuntimeError):
+    """A collective failed because another rank stopped (its node was lost)."""
+
+
 # ---------------------------------------------------------------- set-up
 
 
@@ -62,7 +70,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # On CPU, an explicit gloo backend: without it Accelerate leaves the process group
     # unset and DeepSpeed believes it is alone. cpu=True would switch DeepSpeed off.
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and several else []
+    # The timeout bounds how long a collective waits for a rank that is gone (torch's
+    # default is 30 minutes); liveness.py then names the rank.
+    timeout = timedelta(seconds=cfg.dist_timeout_s)
+    handlers = ([InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)]
+                if several else [])
     accelerator = Accelerator(cpu=no_gpu and not deepspeed, mixed_precision=precision(cfg, gpu=not no_gpu),
                               gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
@@ -200,6 +212,10 @@ class Trainer:
         self.state = State()
         self.stop = StopFlag()
         self.writer = None
+        self.liveness = None
+        if world > 1:
+            self.liveness = Liveness(self.run_dir, self.accelerator.process_index, world,
+                                     timeout_s=cfg.dist_timeout_s).start()
 
     @property
     def main(self) -> bool:
@@ -433,6 +449,10 @@ class Trainer:
             ckpt.clear_preempted(self.run_dir)
         if resume is not None:
             self.load(resume)
+        if self.accelerator.num_processes > 1:  # where each rank runs: a multi-node run's log shows both
+            print(f"rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
+                  f"{socket.gethostname()} (pid {os.getpid()}, local rank {self.accelerator.local_process_index})",
+                  file=sys.stderr, flush=True)
         self.log(f"run {self.run_dir}: {len(self.train_split)} train / {len(self.val_split)} val / "
                  f"{len(self.test_split)} test images; {self.accelerator.num_processes} process(es) x "
                  f"batch {cfg.batch_size} x {cfg.grad_accum} accumulation = global batch "
@@ -509,10 +529,27 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     if cfg.rounds > 1:
         return train_rounds(cfg, callbacks)
     trainer = Trainer(cfg, callbacks)
+    live, lost = trainer.liveness, []
     try:
-        return trainer.fit()
+        results = trainer.fit()
+    except Preempted:
+        if live:
+            live.stop()
+        raise
+    except RuntimeError as err:  # a failed collective among them
+        lost = live.diagnose() if live and not isinstance(err, Diverged) else []
+        if live:
+            live.stop(done=False)
+        if lost:
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise LostRank(f"{live.message(lost)} ({type(err).__name__}: {first})") from err
+        raise
     finally:
-        trainer.accelerator.end_training()  # without it DeepSpeed on CPU may abort at exit
+        if not lost:  # the process group of a run that lost a rank is not worth a clean shutdown
+            trainer.accelerator.end_training()  # without it DeepSpeed on CPU may abort at exit
+    if live:
+        live.stop()
+    return results
 
 
 def train_rounds(cfg: Config, callbacks: Sequence[Callback]) -> dict[str, Any]:
@@ -537,7 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)
     except Preempted:
+        print(f"rank {os.environ.get('RANK', '0')} on {socket.gethostname()}: checkpoint saved, "
+              f"exit {ckpt.EXIT_PREEMPTED} (preempted)", file=sys.stderr, flush=True)
         return ckpt.EXIT_PREEMPTED
+    except LostRank as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_LOST_RANK
     except (Diverged, FileNotFoundError, ConfigError, ShardError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

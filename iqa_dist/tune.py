@@ -38,6 +38,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -390,7 +391,7 @@ def report_epoch(log: Path, epoch: int, row: dict[str, float], checkpoint_dir: P
     result.json can lose rows when a trial restarts (it copies them back from storage). The
     run's best weights travel in the checkpoint (as best/), so that a trial restarted
     elsewhere or cloned by PBT still has the weights it selected."""
-    append_row(log, row)
+    append_row(log, dict(row, node=socket.gethostname()))  # where it ran: a retried trial may move
     stage = checkpoint_dir.parent / ".tune-report"  # hard links: no copy of the weights
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(checkpoint_dir, stage, copy_function=os.link)
@@ -436,8 +437,15 @@ def history(result: tune.Result) -> pd.DataFrame:
     """The epochs a trial trained, in order (restarts included: they cost compute too)."""
     path = Path(result.path) / EPOCH_LOG
     if not path.exists():
-        return pd.DataFrame(columns=["epoch", *VAL_METRICS, "time_s"])
+        return pd.DataFrame(columns=["epoch", *VAL_METRICS, "time_s", "node"])
     return pd.read_csv(path)
+
+
+def nodes_of(hist: pd.DataFrame) -> str:
+    """The nodes a trial trained on, in order of use (``a,b``: retried on b after a failed)."""
+    if "node" not in hist:
+        return ""
+    return ",".join(dict.fromkeys(str(n) for n in hist["node"].dropna()))
 
 
 def trial_table(grid: tune.ResultGrid, params: Sequence[str], metric: str = "val_srcc",
@@ -458,6 +466,8 @@ def trial_table(grid: tune.ResultGrid, params: Sequence[str], metric: str = "val
             "compute_epochs": len(hist),
             "compute_s": float(hist["time_s"].sum()) if len(hist) else 0.0,
             "failures": trial.run_metadata.num_failures,
+            "retried": trial.run_metadata.num_failures > 0,  # restarted from its last checkpoint
+            "node": nodes_of(hist),
             "error": str(result.error).strip().splitlines()[-1] if result.error else "",
             "run_dir": str(Path(result.path) / "run"),
         })
@@ -528,7 +538,8 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
 
 def summary(table: pd.DataFrame, sweep: Sweep) -> str:
     column = f"best_{sweep.metric}"
-    keep = ["trial_id", "status", *sweep.space, column, "best_epoch", "compute_epochs", "compute_s"]
+    keep = ["trial_id", "status", *sweep.space, column, "best_epoch", "compute_epochs", "compute_s",
+            "node", "retried"]
     shown = table[keep].sort_values(column, ascending=sweep.mode == "min", na_position="last")
     total = (f"{len(table)} trials, {table['compute_epochs'].sum()} epochs, "
              f"{table['compute_s'].sum():.0f} s of training")

@@ -69,8 +69,11 @@ LAUNCH=(--config_file "$LAUNCH_CONFIG" --num_machines "$NNODES"
 TRAIN=(-m "${IQA_TRAIN_MODULE:-iqa_dist.train}" --config "$CONFIG" --run_dir "$RUN_DIR" --resume latest)
 
 # One task per node; each evaluates its own $SLURM_NODEID (single quotes) as machine rank.
+# No --kill-on-bad-exit: when a node's ranks die, the survivors must live long enough to
+# say which rank was lost (iqa_dist/liveness.py); they exit by themselves (code 3) within
+# dist_timeout_s of the config, so the step still ends in bounded time.
 iqa_run_preemptible "$RUN_DIR" \
     srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
-    --cpus-per-task="$(iqa_step_cpus)" --kill-on-bad-exit=1 \
+    --cpus-per-task="$(iqa_step_cpus)" --kill-on-bad-exit=0 \
     bash -c 'exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' accelerate-launch \
     "${LAUNCH[@]}" "${TRAIN[@]}" "${EXTRA[@]}"

@@ -2,7 +2,9 @@
 # Bring up a one-node SLURM cluster on this machine for the cluster tests (as root).
 #
 #   tests/cluster/start.sh     # idempotent: does nothing when the cluster is up and configured
-#   tests/cluster/stop.sh      # cancels all jobs, stops the three daemons
+#   tests/cluster/start.sh 2   # the same, plus a 2-node cluster in network namespaces for the
+#                              # multi-node tests (tests/cluster/multinode.sh; clients: tests/cluster/mn)
+#   tests/cluster/stop.sh      # cancels all jobs, stops the daemons of both, removes the namespaces
 #
 # Debian 12 packages (Slurm 22.05), no systemd: munged, slurmctld and slurmd are started
 # by hand. Partition `debug` (default) holds the one node (NodeAddr=127.0.0.1). Process
@@ -17,6 +19,8 @@
 # job completion records in /var/log/slurm/jobcomp.log (no slurmdbd, hence no sacct).
 set -euo pipefail
 
+NODES=${1:-1}
+[[ $NODES =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 [NODES]" >&2; exit 2; }
 TIMEOUT=${SLURM_START_TIMEOUT:-30}
 DEF_MEM=${SLURM_DEF_MEM:-1024}
 CONF=/etc/slurm/slurm.conf
@@ -32,7 +36,7 @@ die() {
     for f in "$LOGDIR/slurmctld.log" "$LOGDIR/slurmd.log" /var/log/munge/munged.log; do
         if [[ -f $f ]]; then echo "---- tail $f" >&2; tail -n 15 "$f" >&2; fi
     done
-    "$HERE/stop.sh" >/dev/null 2>&1 || true  # leave nothing half-started
+    "$HERE/stop.sh" --one-node >/dev/null 2>&1 || true  # leave nothing half-started
     exit 1
 }
 [[ $(id -u) == 0 ]] || { say "must run as root"; exit 1; }
@@ -40,6 +44,14 @@ die() {
 pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 node_state() { sinfo -h -N -o %T 2>/dev/null | head -n1; }
 proctrack_of() { awk -F= '/^ProctrackType=/{sub("proctrack/", "", $2); print $2}' "$CONF" 2>/dev/null; }
+# NODES >= 2: the multi-node cluster as well (NODES = 1 stops one left from before).
+multinode() {
+    if ((NODES >= 2)); then
+        "$HERE/multinode.sh" start "$NODES" || exit 1
+    else
+        "$HERE/multinode.sh" stop >/dev/null 2>&1 || true
+    fi
+}
 status_line() {
     echo "slurm up: node $(hostname -s) $(node_state), partition debug," \
         "proctrack/$(proctrack_of), $(sinfo -V)"
@@ -131,12 +143,13 @@ if pid_alive "$RUNDIR/slurmctld.pid" && pid_alive "$RUNDIR/slurmd.pid" && pid_al
     if [[ -z ${SLURM_PROCTRACK:-} || $SLURM_PROCTRACK == "$running" ]] \
         && [[ $(slurm_conf "$running") == "$(cat "$CONF")" ]]; then
         status_line
+        multinode
         exit 0
     fi
     say "configuration changed: restarting"
 fi
 # Anything half-started (or a changed configuration): stop it and start again.
-"$HERE/stop.sh" >/dev/null 2>&1 || true
+"$HERE/stop.sh" --one-node >/dev/null 2>&1 || true
 
 # ---------------------------------------------------------------- munge
 mkdir -p /run/munge /var/log/munge /var/lib/munge
@@ -205,3 +218,4 @@ if ! try_mode "$mode"; then
     try_mode linuxproc || die "slurm did not come up with proctrack/linuxproc either"
 fi
 status_line
+multinode

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Stop the one-node SLURM cluster of tests/cluster/start.sh (as root): cancel every job,
-# wait for their processes to end, then stop slurmd, slurmctld and munged (by the pids
-# in their pid files). Leaves no process behind; exits 1 and lists them if any remain.
+# Stop the SLURM clusters of tests/cluster/start.sh (as root). First the multi-node one
+# (tests/cluster/multinode.sh stop: its jobs, daemons, namespaces, links, /etc/hosts lines
+# and state; skipped with --one-node), then the one-node one: cancel every job, wait for
+# their processes to end, then stop slurmd, slurmctld and munged (by the pids in their pid
+# files). Leaves no process behind; exits 1 and lists them if any remain.
 #
 # Environment:
 #   SLURM_STOP_TIMEOUT  seconds to wait for jobs to end before killing them (default 30)
@@ -10,13 +12,19 @@ set -uo pipefail
 TIMEOUT=${SLURM_STOP_TIMEOUT:-30}
 RUNDIR=/run/slurm
 say() { echo "stop.sh: $*" >&2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+if [[ ${1:-} != --one-node ]]; then
+    "$HERE/multinode.sh" stop || say "multinode.sh stop failed"
+fi
+ROOT_NET=$(readlink /proc/self/ns/net)
 pid_of() { [[ -f $1 ]] && cat "$1"; }
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
 
 # Processes of jobs: the step daemons and everything in Slurm's cgroups.
 job_pids() {
     local p
-    for p in $(pgrep -x slurmstepd); do echo "$p"; done
+    # only this cluster's: not those of the multi-node cluster's namespaces
+    for p in $(pgrep -x slurmstepd); do [[ $(readlink /proc/$p/ns/net 2>/dev/null) == "$ROOT_NET" ]] && echo "$p"; done
     cat /sys/fs/cgroup/freezer/slurm/uid_*/job_*/step_*/cgroup.procs 2>/dev/null
     cat /sys/fs/cgroup/freezer/slurm/uid_*/job_*/step_*/task_*/cgroup.procs 2>/dev/null
 }
