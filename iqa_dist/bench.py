@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from .config import Config, ConfigError
-from .data.stream import IMAGE_EXTS, MEAN, STD, Split, _collate, load_split, train_loader
+from .data.stream import IMAGE_EXTS, MEAN, STD, Split, _collate, load_split, train_crops, train_loader
 from .evaluate import predict_split
 from .images import open_rgb
 from .models.hyperiqa import PATCH
@@ -159,7 +159,7 @@ def timed_patches(batches: Iterable, skip: int = 1) -> tuple[int, float]:
 # ---------------------------------------------------------------- data
 
 
-def decode_once_bound(split: Split, patch_num: int, batch_size: int, parallel: int) -> dict[str, float]:
+def decode_once_bound(split: Split, patch_num: int, parallel: int) -> dict[str, float]:
     """Patches/s if each image were decoded once and cut into ``patch_num`` crops, with no
     other cost: decode time / patch_num + crop-flip-collate time, over ``parallel`` cores."""
     decode, arrays = [], []
@@ -169,16 +169,10 @@ def decode_once_bound(split: Split, patch_num: int, batch_size: int, parallel: i
         decode.append(time.perf_counter() - start)
     rng = np.random.default_rng(0)
     crop = []
-    for arr in arrays:
+    for arr in arrays:  # the stream's own cropping and stacking
         start = time.perf_counter()
-        h, w = arr.shape[:2]
-        items = []
-        for _ in range(batch_size):
-            y, x = rng.integers(0, max(1, h - PATCH + 1)), rng.integers(0, max(1, w - PATCH + 1))
-            patch = arr[y:y + PATCH, x:x + PATCH]
-            items.append((patch[:, ::-1] if rng.random() < 0.5 else patch, 0.0, ""))
-        _collate(items)  # the stream's own stacking
-        crop.append((time.perf_counter() - start) / batch_size)
+        _collate([(patch, 0.0, "") for patch in train_crops(arr, patch_num, PATCH, rng)])
+        crop.append((time.perf_counter() - start) / patch_num)
     per_patch = float(np.mean(decode)) / patch_num + float(np.mean(crop))
     return {"decode_ms": 1000 * float(np.mean(decode)), "crop_ms": 1000 * float(np.mean(crop)),
             "patches_s": parallel / per_patch}
@@ -211,7 +205,7 @@ def _bench_data(args: argparse.Namespace, split: Split, rows: list[dict]) -> Res
                                                 num_workers=args.workers))
     serial, parallel = ours_rate(split, args, 0), ours_rate(split, args, args.workers)
     cores = max(1, min(args.workers, len(os.sched_getaffinity(0))))
-    bound = decode_once_bound(split, args.patch_num, args.batch_size, cores)
+    bound = decode_once_bound(split, args.patch_num, cores)
     ref_rate = ref_n / ref_s
     rows_out = [{"loader": f"reference (decode + resize per patch), {args.workers} workers", "patches": ref_n,
                  "patches/s": ref_rate},

@@ -14,7 +14,7 @@ from iqa_dist.config import ConfigError
 from iqa_dist.data import stream
 from iqa_dist.pack import PackOptions, pack, read_manifest
 from iqa_dist.data.stream import (EvalPatches, TrainPatches, eval_loader, grid_positions, load_split,
-                                  steps_per_epoch, to_model_input, train_loader)
+                                  steps_per_epoch, to_model_input, train_crops, train_loader)
 
 
 def _epoch_counts(split, epoch, *, world, workers, patch_num, batch_size):
@@ -285,3 +285,16 @@ def test_a_split_too_small_or_flat_to_rank_says_why(small_shards):
     assert one.unrankable() == "the val split holds 1 image(s): too few to rank"
     flat = stream.Split(val.root, "val", val.shard_of, dict.fromkeys(val.shard_of, 50.0))
     assert flat.unrankable() == f"the val split's {len(val)} images all have the label 50: nothing to rank"
+
+
+def test_mirrored_crops_are_the_mirrored_pixels():
+    """Mirrored crops come from one mirrored copy of the image: the same pixels as
+    mirroring each crop, for the same draws."""
+    arr = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    crops = train_crops(arr, 40, 16, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    ys, xs, flips = rng.integers(0, 35, 40), rng.integers(0, 55, 40), rng.random(40) < 0.5
+    assert 0 < flips.sum() < 40
+    for crop, y, x, flip in zip(crops, ys, xs, flips):
+        patch = arr[y:y + 16, x:x + 16]
+        assert np.array_equal(crop, patch[:, ::-1] if flip else patch)
