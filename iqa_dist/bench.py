@@ -47,11 +47,13 @@ from torchvision import transforms
 
 from .config import Config, ConfigError
 from .data.stream import IMAGE_EXTS, MEAN, STD, Split, _collate, load_split, train_crops, train_loader
-from .evaluate import predict_split
 from .images import open_rgb
 from .models.hyperiqa import PATCH
 from .optim import build_scheduler
 from .pack import read_manifest
+from .runtime import compiled, make_accelerator, placed, set_determinism
+from .scoring import predict_split
+from .train import Trainer
 from .tools import default_device, load_trained, markdown_table, model_from_config, time_calls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +244,6 @@ class BackboneOnly(nn.Module):
 def step_trainer(model: nn.Module, cfg: Config, accelerator: Any) -> SimpleNamespace:
     """What ``Trainer.train_step`` needs, with the model placed, optimised and compiled as
     ``Trainer`` does, and no data set."""
-    from .train import compiled, placed
 
     model, optimizer, channels_last = placed(model, cfg, accelerator)
     scheduler = build_scheduler(optimizer, cfg, 1_000_000)
@@ -254,8 +255,6 @@ def step_trainer(model: nn.Module, cfg: Config, accelerator: Any) -> SimpleNames
 def train_step_fn(model: nn.Module, cfg: Config, accelerator: Any, images: torch.Tensor,
                   labels: torch.Tensor) -> Callable[[], float]:
     """One optimiser step of the real training loop (``Trainer.train_step``) on a fixed batch."""
-    from .train import Trainer
-
     trainer = step_trainer(model, cfg, accelerator)
     return lambda: Trainer.train_step(trainer, images, labels)
 
@@ -276,8 +275,6 @@ def synthetic_batch(batch_size: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 
 def bench_step(args: argparse.Namespace) -> Result:
-    from .train import make_accelerator
-
     use_device(args.device)
     cfg = Config(model_size=args.model_size, batch_size=args.batch_size)
     accelerator = make_accelerator(cfg)
@@ -305,8 +302,6 @@ def bench_step(args: argparse.Namespace) -> Result:
 
 def ddp_worker(args: argparse.Namespace) -> Result:
     """One rank of the DDP bench (started by ``bench ddp``): timed steps on synthetic data."""
-    from .train import make_accelerator
-
     torch.set_num_threads(1)
     use_device("cpu")
     cfg = Config(model_size=args.model_size, batch_size=args.batch_size)
@@ -392,8 +387,6 @@ def eval_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
 
 
 def bench_eval(args: argparse.Namespace) -> Result:
-    from .train import make_accelerator
-
     use_device(args.device)
     model, cfg = eval_model(args)
     cfg = replace(cfg, test_patch_num=args.patch_num, workers=args.workers, test_random_crop=False,
@@ -714,8 +707,6 @@ def write_check(result: Result, out: Path) -> None:
 
 def gpu_train_worker(args: argparse.Namespace) -> Result:
     """One training row of the GPU check: the real training step on a fixed batch."""
-    from .train import Trainer, make_accelerator, set_determinism
-
     cfg = Config(model_size=args.model_size, batch_size=args.batch_size, compile=args.compile,
                  mixed_precision=args.mixed_precision)
     set_determinism(cfg)  # TF32 and cuDNN autotuning, as training sets them

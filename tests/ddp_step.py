@@ -16,7 +16,7 @@ import torch
 from iqa_dist.checkpoint import save_weights
 from iqa_dist.config import for_world, from_dict
 from iqa_dist.tools import model_from_config
-from iqa_dist.train import make_accelerator, set_determinism
+from iqa_dist.runtime import make_accelerator, set_determinism
 
 out, global_batch, accum = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cfg = from_dict({"model_size": "micro", "dropout_rate": 0.0, "drop_path_rate": 0.0,

@@ -454,7 +454,7 @@ def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypa
     ("no", None, True, True, "no"),
 ])
 def test_mixed_precision_auto(asked, launcher, gpu, bf16, resolved, monkeypatch):
-    from iqa_dist.train import precision
+    from iqa_dist.runtime import precision
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     if launcher:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)

@@ -1,0 +1,90 @@
+"""Scoring a packed split with a model on every rank: grid crops, batched forwards,
+per-image means, gathered so that every rank holds every image's score once; and the
+metrics of those scores. Used by training (validation, test), evaluate and bench."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from .config import Config
+from .data.stream import Split, batches, eval_loader, to_model_input
+from .metrics import aggregate_by_key, compute_metrics
+
+
+def card_of(shards: str | Path) -> dict:
+    path = Path(shards) / "card.json"
+    return json.loads(path.read_text()) if path.exists() else {"higher_is_better": True}
+
+
+def same_direction(trained_on: dict, tested_on: dict) -> bool:
+    """Whether a model's scores and a set's labels grow in the same direction (MOS vs DMOS)."""
+    return trained_on.get("higher_is_better", True) == tested_on.get("higher_is_better", True)
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, "max").item()) if accelerator.num_processes > 1 else flag
+
+
+def predict_split(model: torch.nn.Module, split: Split, cfg: Config, accelerator: Accelerator,
+                  batch_size: int | None = None) -> dict[str, tuple[float, float]]:
+    """{image key: (mean prediction over its crops, label)}, identical on every rank."""
+    local = local_predictions(model, split, cfg, accelerator, batch_size)
+    return {k: (p, label) for k, p, label in gather_all(accelerator, local)}
+
+
+def gather_all(accelerator: Accelerator, items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    return gather_object(items) if accelerator.num_processes > 1 else items
+
+
+@torch.no_grad()
+def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, accelerator: Accelerator,
+                      batch_size: int | None = None) -> list[tuple[str, float, float]]:
+    """(key, mean prediction over its crops, label) of the images this rank read.
+
+    Every rank must call it: ranks step in lockstep (a dummy batch when a rank has run
+    out) because a wrapped model's forward may hold collectives (DDP buffer sync, ZeRO-3
+    gathers).
+    """
+    was_training = model.training
+    model.eval()
+    loader = eval_loader(split, patch_num=cfg.test_patch_num, patch_size=cfg.patch_size,
+                         batch_size=batch_size or cfg.batch_size, rank=accelerator.process_index,
+                         world=accelerator.num_processes, workers=cfg.workers,
+                         random_crop=cfg.test_random_crop, seed=cfg.seed)
+    keys, preds, labels = [], [], []
+    loaded, dummy = iter(batches(loader)), None
+    dtype = next(model.parameters()).dtype
+    while True:
+        batch = next(loaded, None)
+        if not _any_rank(accelerator, batch is not None):
+            break
+        images = batch[0] if batch is not None else dummy
+        dummy = images[:1] if batch is not None else dummy
+        if images is None:  # this rank has no image at all: borrow a blank one
+            images = torch.zeros(1, cfg.patch_size, cfg.patch_size, 3, dtype=torch.uint8)
+        with accelerator.autocast():
+            out = model(to_model_input(images, accelerator.device, dtype)).float().cpu()
+        if batch is not None:
+            keys += batch[2]
+            preds += out.tolist()
+            labels += batch[1].tolist()
+    model.train(was_training)
+    if not keys:
+        return []
+    per_image = aggregate_by_key(keys, preds, labels)
+    return list(zip(per_image.keys.tolist(), per_image.preds.tolist(), per_image.labels.tolist()))
+
+
+def split_metrics(preds: dict[str, tuple[float, float]], same_direction: bool = True) -> dict[str, float]:
+    """Metrics of per-image predictions; ``same_direction=False`` flips the labels (DMOS)."""
+    keys = sorted(preds)
+    p = np.array([preds[k][0] for k in keys])
+    y = np.array([preds[k][1] for k in keys])
+    return compute_metrics(p, y, higher_is_better=same_direction)
