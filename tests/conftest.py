@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from iqa_dist.pack import PackOptions, pack
+from iqa_dist.pack import main as pack_main
 
 # Keep every test process to one thread: the suite shares two cores with DDP ranks.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -48,5 +49,5 @@ def small_shards(tmp_path_factory) -> Path:
 def demo_shards(tmp_path_factory) -> Path:
     """The README's demo set, packed as the README packs it."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    pack("demo", None, out, PackOptions(shard_size=100), workers=2)
+    assert pack_main(["--dataset", "demo", "--out", str(out), "--shard_size", "100", "--workers", "2"]) == 0
     return out

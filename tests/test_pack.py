@@ -433,3 +433,11 @@ def test_csv_names_relative_to_an_image_root(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--image_root does not apply to --dataset koniq-10k" in err
     assert f"{root / 'nowhere'}: no such image folder" in err
+
+
+def test_demo_validates_on_more_photographs_by_default():
+    from iqa_dist.pack import parse_args
+
+    assert parse_args(["--dataset", "demo", "--out", "x"]).split == (0.6, 0.2, 0.2)
+    assert parse_args(["--dataset", "csv", "--out", "x"]).split == (0.7, 0.1, 0.2)
+    assert parse_args(["--dataset", "demo", "--out", "x", "--split", "0.5", "0.3", "0.2"]).split == [0.5, 0.3, 0.2]
