@@ -281,6 +281,13 @@ def trial_rows(exp: Path) -> dict[str, list[dict]]:
     return rows
 
 
+def reported(trial_dir: Path) -> bool:
+    try:
+        return bool((trial_dir / "result.json").read_text().strip())
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def sweep_with_a_lost_node(small_shards, tmp_path_factory):
     """slurm/sweep.sh on 2 nodes (Ray head on node 1, a worker on node 2, 2 CPUs each,
@@ -302,7 +309,11 @@ def sweep_with_a_lost_node(small_shards, tmp_path_factory):
     start = time.monotonic()
 
     def node2_trial_reported() -> bool:
-        return any(rows and rows[-1]["node"] == NODES[1] for rows in trial_rows(exp).values())
+        # epochs.csv is written before the report: wait for Tune's result.json too, which
+        # the driver writes once it holds the epoch's checkpoint, or a kill in between
+        # would rightly restart the trial from scratch
+        return any(rows and rows[-1]["node"] == NODES[1] and reported(exp / trial)
+                   for trial, rows in trial_rows(exp).items())
 
     wait_until(node2_trial_reported, job, log, 300, "a trial reporting from node 2")
     victims = [t for t, rows in trial_rows(exp).items() if rows and rows[-1]["node"] == NODES[1]]
