@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -348,7 +349,11 @@ def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
     ranks[1].send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert sorted(p.name for p in (run_dir / "preempted").iterdir()) == ["rank-0.json", "rank-1.json"]
-    assert err.count("exitcode  : 99") == 2 or proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    # each rank logs its exit code as it leaves; the launcher's own report is no witness:
+    # it SIGTERMs a rank still tearing down once the other has exited
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} on {socket.gethostname()}: checkpoint saved, exit {EXIT_PREEMPTED}" in err, err[-3000:]
 
 
 @pytest.mark.slow
