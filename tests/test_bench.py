@@ -71,8 +71,9 @@ def test_eval_with_a_checkpoint(capsys, tmp_path, small_shards):
                          str(small_shards), "--images", "3", "--patch_num", "2", "--workers", "0",
                          "--batch_size", "4", "--device", "cpu")
     assert "## bench eval" in text and "reference (batch 1" in text and "target ours / reference" in text
-    assert [r["images"] for r in result["rows"]] == [3, 3]
-    assert result["figures"]["model_size"] == "micro"
+    assert [r["images"] for r in result["rows"]] == [3, 3, 3]
+    assert "the model alone" in result["rows"][2]["evaluation"] and "target ours / the model alone" in text
+    assert result["figures"]["model_size"] == "micro" and result["figures"]["ceiling"] > 0
 
 
 @pytest.mark.slow

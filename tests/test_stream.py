@@ -1,5 +1,7 @@
 """The patch stream: decode once, disjoint readers, equal batch counts, exact replay."""
+import gc
 import io
+import pickle
 import shutil
 import tarfile
 from collections import Counter
@@ -11,7 +13,7 @@ import torch
 from PIL import Image
 
 from iqa_dist.config import ConfigError
-from iqa_dist.data import stream
+from iqa_dist.data import handover, stream
 from iqa_dist.pack import PackOptions, pack, read_manifest
 from iqa_dist.data.stream import (EvalPatches, TrainPatches, eval_loader, grid_positions, load_split,
                                   steps_per_epoch, to_model_input, train_crops, train_loader)
@@ -298,3 +300,39 @@ def test_mirrored_crops_are_the_mirrored_pixels():
     for crop, y, x, flip in zip(crops, ys, xs, flips):
         patch = arr[y:y + 16, x:x + 16]
         assert np.array_equal(crop, patch[:, ::-1] if flip else patch)
+
+
+def test_kept_batches_are_never_overwritten_by_a_worker_reusing_its_buffers(small_shards):
+    """Workers refill a shared buffer only once the main process has freed its tensor:
+    batches kept (all of them, or a view of one) equal those copied out at once."""
+    split = load_split(small_shards, "all")
+
+    def loader():  # 2 workers x 9 batches each: more than the buffers a worker keeps
+        return train_loader(split, patch_num=3, patch_size=32, batch_size=2, seed=0, rank=0, world=1,
+                            workers=2, shuffle_buffer=4, steps=18)
+
+    copied = [patches.clone() for patches, *_ in loader()]
+    kept = [patches for patches, *_ in loader()]
+    views = [patches[1:] for patches, *_ in loader()]
+    assert len(copied) == 18 > 2 * handover.KEPT
+    assert all(torch.equal(c, k) and torch.equal(c[1:], v) for c, k, v in zip(copied, kept, views))
+
+
+def test_a_worker_buffer_is_reused_only_once_every_tensor_of_it_is_freed():
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
+
+    first = handover.buffer((4, 8)).fill_(7)
+    received = pickle.loads(ForkingPickler.dumps(handover.Handover(first)))  # as the main process gets it
+    assert torch.equal(received, first) and type(received) is torch.Tensor
+    del first
+    view = received[2:]
+    del received
+    gc.collect()
+    held = handover.buffer((4, 8))  # the first buffer is still held through the view: a second one
+    del view
+    gc.collect()
+    reused = handover.buffer((4, 8))
+    assert held.untyped_storage().data_ptr() != reused.untyped_storage().data_ptr()
+    assert reused.untyped_storage().data_ptr() == handover._buffers[32][0].data_ptr()

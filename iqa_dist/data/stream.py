@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import handover
 from ..images import BadImage, open_rgb
 from ..config import ConfigError
 from ..pack import read_manifest
@@ -264,14 +265,12 @@ def to_model_input(patches: torch.Tensor | np.ndarray, device: torch.device | st
 
 def _collate(items: list[tuple[np.ndarray, float, str]]) -> Batch:
     shape = (len(items), *items[0][0].shape)
-    if get_worker_info() is None:
-        patches = torch.empty(shape, dtype=torch.uint8)  # uint8 NHWC: see to_model_input
-    else:  # stacked straight into shared memory, as default_collate does: no copy to send it
-        storage = torch.UntypedStorage._new_shared(math.prod(shape))
-        patches = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    in_worker = get_worker_info() is not None
+    # uint8 NHWC (see to_model_input); a worker stacks straight into a shared buffer it reuses
+    patches = handover.buffer(shape) if in_worker else torch.empty(shape, dtype=torch.uint8)
     np.stack([p for p, _, _ in items], out=patches.numpy())
     labels = torch.tensor([l for _, l, _ in items], dtype=torch.float32)
-    return patches, labels, [k for _, _, k in items]
+    return handover.Handover(patches) if in_worker else patches, labels, [k for _, _, k in items]
 
 
 def _worker() -> tuple[int, int]:
