@@ -276,7 +276,11 @@ def read_manifest(shards: str | Path) -> list[dict]:
     path = Path(shards) / "manifest.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; pack the data set first (python -m iqa_dist.pack)")
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:  # torn or overwritten by something else
+        raise PackError(f"{path}: unreadable manifest ({str(err).splitlines()[0]}); "
+                        "pack the data set again") from None
 
 
 def info_json(rows: list[dict], info: DatasetInfo, rounds: int) -> dict:
@@ -553,7 +557,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fractions of split units (default 0.7 0.1 0.2; demo: 0.6 0.2 0.2)")
     p.add_argument("--max_bad", type=int, default=0,
                    help="exit non-zero when more images than this were skipped")
-    p.add_argument("--slice", help="I/N: write only every N-th shard starting at I (array jobs)")
+    p.add_argument("--slice", type=slice_arg, help="I/N: write only every N-th shard starting at I (array jobs)")
     p.add_argument("--merge", action="store_true", help="join the slices' rows into the manifest")
     p.add_argument("--overwrite", action="store_true",
                    help="remove what an earlier pack wrote to --out and pack again (default: "
@@ -567,6 +571,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def slice_arg(text: str) -> tuple[int, int]:
+    """``I/N`` (0 <= I < N): this job writes slice I of N."""
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit()) or not int(i) < int(n):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be I/N with 0 <= I < N, e.g. 0/4")
+    return int(i), int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = PackOptions(resize=args.resize, lossy_quality=args.lossy_quality,
@@ -576,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = _run(args, options)
         problems = verify(args.out) if args.verify else []
-    except (LayoutError, BadImage, FileNotFoundError, ValueError) as err:
+    except (LayoutError, BadImage, OSError, ValueError) as err:  # OSError: a full disk, a read-only --out
         print(f"error: {err}", file=sys.stderr)
         return 2
     for s in report["skipped"]:
@@ -603,7 +615,7 @@ def _run(args: argparse.Namespace, options: PackOptions) -> dict:
         return merge(args.dataset, args.out, options)
     if args.verify and args.root is None and args.dataset != "demo":
         return {"skipped": []}  # verify what is there, pack nothing
-    part = tuple(int(x) for x in args.slice.split("/")) if args.slice else None
+    part = args.slice
     reader_options = {"image_root": args.image_root} if args.image_root else {}
     return pack(args.dataset, args.root, args.out, options, args.workers, part, args.overwrite,
                 **reader_options)

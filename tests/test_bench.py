@@ -79,7 +79,7 @@ def test_eval_with_a_checkpoint(capsys, tmp_path, small_shards):
 @pytest.mark.slow
 def test_ddp(capsys, tmp_path):
     text, result = bench(capsys, tmp_path, "ddp", "--model_size", "micro", "--batch_size", "2",
-                         "--iters", "2", "--warmup", "1")
+                         "--iters", "2", "--warmup", "1", "--repeats", "1")
     assert "## bench ddp" in text and "target 2 ranks / 1 rank" in text
     assert [r["ranks"] for r in result["rows"]] == [1, 2]  # the second really ran two processes
 

@@ -339,6 +339,25 @@ def test_verify_without_a_manifest_is_one_line(tmp_path, capsys):
                                    "first (python -m iqa_dist.pack)")
 
 
+def test_a_damaged_manifest_a_bad_slice_and_an_unusable_out_are_one_line(tmp_path, capsys):
+    root = make_csv_set(tmp_path / "src", n_refs=2, per_ref=2)
+    out = tmp_path / "out"
+    assert main(_csv_args(root, out)) == 0
+    manifest = out / "manifest.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:100])  # torn
+    capsys.readouterr()
+    assert main(["--dataset", "csv", "--out", str(out), "--verify"]) == 2
+    assert _error_line(capsys).startswith(f"error: {manifest}: unreadable manifest (")
+    for bad in ("3/3", "1/0", "a/b", "2"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*_csv_args(root, tmp_path / "sliced"), "--slice", bad])
+        assert exit_.value.code == 2
+        assert f"--slice: '{bad}': must be I/N with 0 <= I < N" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(_csv_args(root, tmp_path / "a_file" / "out")) == 2  # a full disk takes the same way
+    assert str(tmp_path / "a_file") in _error_line(capsys)
+
+
 def test_workers_die_with_a_killed_pack(tmp_path):
     psutil = pytest.importorskip("psutil")
     root = make_csv_set(tmp_path / "src", n_refs=3, per_ref=2)

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,6 +255,15 @@ def test_a_truncated_shard_stops_training_with_one_line(small_shards, tmp_path, 
     assert train_main(machinery_args(broken, tmp_path / "run", "--epochs", "1")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {shard}: unreadable, truncated or corrupted")
+
+
+def test_a_damaged_manifest_stops_training_with_one_line(small_shards, tmp_path, capsys):
+    broken = tmp_path / "shards"
+    shutil.copytree(small_shards, broken)
+    manifest = broken / "manifest.parquet"
+    manifest.write_bytes(b"PAR1" + bytes(64))
+    assert train_main(machinery_args(broken, tmp_path / "run", "--epochs", "1")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {manifest}: unreadable manifest (")
 
 
 def test_bad_samples_are_skipped_counted_and_limited(small_shards, tmp_path, capsys):

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import handover
 from ..images import BadImage, open_rgb
 from ..config import ConfigError
-from ..pack import read_manifest
+from ..pack import PackError, read_manifest
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -119,7 +119,10 @@ class Split:
 def load_split(root: str | Path, name: str, round_: int = 0) -> Split:
     """Split ``name`` ("train", "val", "test" or "all") of split round ``round_``."""
     root = Path(root)
-    rows = read_manifest(root)
+    try:
+        rows = read_manifest(root)
+    except PackError as err:  # to a reader, a damaged manifest is a damaged set of shards
+        raise ShardError(str(err)) from None
     column = f"split_{round_}"
     if name != "all" and rows and column not in rows[0]:
         raise ConfigError(f"{root}/manifest.parquet: no split round {round_} (packed with fewer --rounds)")
