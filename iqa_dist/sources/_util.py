@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,20 +28,21 @@ _HEADER_SEARCH_ROWS = 20  # spreadsheets put titles above the header row
 
 def require_file(path: Path, *alternatives: Path) -> Path:
     """The first of ``path`` and ``alternatives`` that exists, else a LayoutError naming them."""
-    for candidate in (path, *alternatives):
-        if candidate.is_file():
-            return candidate
-    also = "".join(f" (nor {p})" for p in alternatives)
-    raise LayoutError(f"{path}: label file not found{also}; is --root the data set as downloaded?")
+    return _first(Path.is_file, (path, *alternatives), "label file not found",
+                  "; is --root the data set as downloaded?")
 
 
 def first_dir(path: Path, *alternatives: Path) -> Path:
     """The first of ``path`` and ``alternatives`` that is a folder, else a LayoutError."""
-    for candidate in (path, *alternatives):
-        if candidate.is_dir():
-            return candidate
-    also = "".join(f" (nor {p})" for p in alternatives)
-    raise LayoutError(f"{path}: image folder not found{also}")
+    return _first(Path.is_dir, (path, *alternatives), "image folder not found")
+
+
+def _first(test: Callable[[Path], bool], candidates: tuple[Path, ...], missing: str, hint: str = "") -> Path:
+    found = next((c for c in candidates if test(c)), None)
+    if found is None:
+        also = "".join(f" (nor {p})" for p in candidates[1:])
+        raise LayoutError(f"{candidates[0]}: {missing}{also}{hint}")
+    return found
 
 
 def make_key(name: str) -> str:
