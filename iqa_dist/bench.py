@@ -509,16 +509,18 @@ class CheckSizes:
     launch_batch: int
     launch_patches: int  # train_patch_num of the launched runs
     launch_steps: int
+    eval_images: int  # of the packed set, scored by ours and by the batch-1 reference
+    eval_patches: int  # crops per image
     budget_s: float  # the whole check: parts that would start later are skipped
     part_s: float  # one part at most (compiling Swin-Base takes minutes)
 
 
 GPU_SIZES = CheckSizes(("tiny", "base"), (32, 96), ("none", "inductor"), "bf16", warmup=3, iters=10,
                        images=48, loader_batches=4, launch_model="tiny", launch_batch=32, launch_patches=20,
-                       launch_steps=4, budget_s=470, part_s=150)
+                       launch_steps=4, eval_images=32, eval_patches=20, budget_s=470, part_s=150)
 SMOKE_SIZES = CheckSizes(("micro",), (2,), ("none", "aot_eager"), "no", warmup=0, iters=1, images=8,
                          loader_batches=2, launch_model="micro", launch_batch=2, launch_patches=2,
-                         launch_steps=2, budget_s=600, part_s=300)
+                         launch_steps=2, eval_images=4, eval_patches=2, budget_s=600, part_s=300)
 # Launched runs: one process each. A one-process MULTI_GPU launch still starts torchrun, so
 # the process group is really set up (NCCL on a GPU, gloo on a CPU).
 LAUNCHES = {"DDP": "multi_gpu.yaml", "DeepSpeed ZeRO-2": "zero2.yaml", "DeepSpeed ZeRO-3": "zero3.yaml"}
@@ -529,7 +531,7 @@ COLUMNS = ("part", "model", "setting", "status", "patches/s", "peak GiB", "first
 class Part:
     """One time-boxed piece of the check, run as a process group of its own: a hang, a
     crash or an out-of-memory ends that part only, and its peak memory is its own."""
-    part: str  # train | loader | launch
+    part: str  # train | loader | launch | eval
     model: str
     setting: str
     cmd: list[str]
@@ -587,6 +589,26 @@ def loader_part(sizes: CheckSizes, shards: Path, workers: int, folder: Path) -> 
     return Part("loader", "", f"{workers} workers, batch {batch}", cmd, folder, _first_row)
 
 
+def eval_part(sizes: CheckSizes, shards: Path, workers: int, folder: Path, gpu: bool) -> Part:
+    """``bench eval`` on the GPU: ours against the original batch-1 loop, and the model alone."""
+    batch = max(sizes.batch_sizes)
+    cmd = _bench_cmd("eval", "--shards", str(shards), "--images", str(sizes.eval_images), "--patch_num",
+                     str(sizes.eval_patches), "--workers", str(workers), "--model_size", sizes.launch_model,
+                     "--batch_size", str(batch), "--device", "cuda" if gpu else "cpu",
+                     "--json", str(folder / "result.json"))
+    return Part("eval", sizes.launch_model, f"{sizes.eval_images} images x {sizes.eval_patches} crops, batch {batch}, "
+                f"fp32", cmd, folder, partial(_eval_row, patches=sizes.eval_patches))
+
+
+def _eval_row(folder: Path, patches: int) -> dict:
+    result = json.loads((folder / "result.json").read_text())
+    reference, ours, alone = (r["images/s"] for r in result["rows"])
+    f = result["figures"]
+    return {"patches/s": ours * patches, "speedup": f["speedup"],
+            "detail": f"images/s: reference {reference:.1f}, ours {ours:.1f}, the model alone {alone:.1f}; "
+                      f"ours / reference {f['speedup']:.1f}x, ours / the model alone {f['ours_over_forward']:.2f}"}
+
+
 def launch_part(sizes: CheckSizes, name: str, shards: Path, folder: Path, gpu: bool) -> Part:
     """A real tiny run of ``iqa_dist.train`` through ``accelerate launch``: a few steps, the
     epoch's validation and checkpoint, and ``finish()`` (the test with the best weights)."""
@@ -615,12 +637,13 @@ def _launch_row(run: Path, steps: int) -> dict:
 
 
 def check_parts(sizes: CheckSizes, shards: Path, work: Path, workers: int, gpu: bool) -> list[Part]:
-    """Eager training rows, the loader, the launches, then the compiled rows: compiling is
+    """Eager training rows, the loader, evaluation, the launches, then the compiled rows: compiling is
     the slowest and least certain part, so it goes last and cannot crowd out the rest."""
     folders = (work / f"part-{i:02d}" for i in count())  # numbered in the order they run
     rows = [(m, b, c) for m in sizes.models for c in sizes.compilers for b in sizes.batch_sizes]
     parts = [train_part(sizes, *row, next(folders)) for row in rows if row[2] == "none"]
     parts.append(loader_part(sizes, shards, workers, next(folders)))
+    parts.append(eval_part(sizes, shards, workers, next(folders), gpu))
     parts += [launch_part(sizes, name, shards, next(folders), gpu) for name in LAUNCHES]
     return parts + [train_part(sizes, *row, next(folders)) for row in rows if row[2] != "none"]
 
@@ -689,6 +712,13 @@ def starved(rows: list[dict]) -> tuple[list[str], dict[str, bool]]:
     return lines, verdict
 
 
+def evaluation_target(rows: list[dict]) -> list[str]:
+    row = next((r for r in rows if r["part"] == "eval" and r["status"] == "ok"), None)
+    if row is None:
+        return ["evaluation: not measured (its row says why)"]
+    return [target("evaluation: ours / the batch-1 reference images/s >= 10x", row["speedup"], row["speedup"] >= 10)]
+
+
 def build_set(sizes: CheckSizes, work: Path, workers: int) -> tuple[Path, dict]:
     """The packed set and its row; a failure is the row's, and the parts needing it fail too."""
     start, row = time.monotonic(), {"part": "data", "setting": f"{sizes.images} KonIQ-sized photographs, "
@@ -714,8 +744,10 @@ def bench_gpu(args: argparse.Namespace) -> Result:
         for part in check_parts(sizes, shards, Path(tmp), workers, gpu):
             left = sizes.budget_s - (time.monotonic() - start)
             rows.append(run_part(part, min(sizes.part_s, left), logs, part_env(gpu)))
+    evaluation = evaluation_target(rows)
     rows = [{c: r.get(c, "") for c in COLUMNS} for r in rows]
     lines, verdict = starved(rows)
+    lines += evaluation
     figures = {"mode": "gpu" if gpu else "smoke (CPU sizes)", "device": device_name(gpu),
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "torch": torch.__version__, "cuda": torch.version.cuda,
                "cpus": usable_cpus(), "loader_workers": workers, "seconds": time.monotonic() - start,

@@ -112,8 +112,8 @@ def test_gpu_check_smoke_mode(tmp_path):
     workers = f"{min(2, usable_cpus())} workers, batch 2"
     assert set(rows) == {("data", "8 KonIQ-sized photographs, packed --resize koniq"),
                          ("train", "batch 2, compile none"), ("train", "batch 2, compile aot_eager"),
-                         ("loader", workers), ("launch", "DDP"), ("launch", "DeepSpeed ZeRO-2"),
-                         ("launch", "DeepSpeed ZeRO-3")}
+                         ("loader", workers), ("eval", "4 images x 2 crops, batch 2, fp32"), ("launch", "DDP"),
+                         ("launch", "DeepSpeed ZeRO-2"), ("launch", "DeepSpeed ZeRO-3")}
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows.values())
     for (part, _), r in rows.items():
         if part == "train":
@@ -121,9 +121,11 @@ def test_gpu_check_smoke_mode(tmp_path):
         if part == "launch":  # a real gloo process group, the steps asked, finish() done
             assert r["detail"].startswith("backend gloo, 1 process, 2 steps,") and "finish()" in r["detail"]
     assert rows["loader", workers]["patches/s"] > 0
+    assert rows["eval", "4 images x 2 crops, batch 2, fp32"]["detail"].startswith("images/s: reference ")
+    assert any(t.startswith("target evaluation: ours / the batch-1 reference") for t in result["targets"])
     assert result["figures"]["mode"].startswith("smoke") and set(result["figures"]["gpu_starved"]) == {"micro"}
     assert any(t.startswith("target loader / micro training patches/s >= 1") for t in result["targets"])
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     for r in result["rows"]:
         assert f"| {r['part']} | {r['model']} | {r['setting']} | ok |" in table
-    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 6  # one per part run as a process
+    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 7  # one per part run as a process

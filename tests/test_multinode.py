@@ -128,18 +128,23 @@ def submit_train(train_config: Path, run_dir: Path, log: Path) -> int:
     return MN.submit([*TWO_NODES, "-o", str(log), "slurm/train.sh"], env=env, cwd=REPO)
 
 
+def ends_as_one_node(job: int, log: Path, run_dir: Path, reference: Path) -> str:
+    """The job completed the 3 epochs of 2 ranks with the weights of the one-node run; its output."""
+    assert finish(job, log, 400) == ("COMPLETED", 0), slurm.output(log)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_run"] == 3
+    assert_identical(final_weights(run_dir), final_weights(reference))
+    return slurm.output(log)
+
+
 # ------------------------------------------------------------------ 1, 2: DDP over nodes, preemption
 
 
 def test_ddp_over_two_nodes_equals_two_ranks_on_one(train_config, one_node_two_ranks, tmp_path):
     run_dir, log = tmp_path / "job", tmp_path / "job.out"
     job = submit_train(train_config, run_dir, log)
-    assert finish(job, log, 400) == ("COMPLETED", 0), slurm.output(log)
-    text = slurm.output(log)
+    text = ends_as_one_node(job, log, run_dir, one_node_two_ranks)
     assert ranks_on_nodes(text) == {0: NODES[0], 1: NODES[1]}, text
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["world_size"] == 2 and results["epochs_run"] == 3
-    assert_identical(final_weights(run_dir), final_weights(one_node_two_ranks))
 
 
 def test_preemption_across_nodes_requeues_and_ends_with_the_same_weights(train_config, one_node_two_ranks,
@@ -148,17 +153,13 @@ def test_preemption_across_nodes_requeues_and_ends_with_the_same_weights(train_c
     job = submit_train(train_config, run_dir, log)
     wait_until(lambda: epochs_done(run_dir) >= 1, job, log, 300, "checkpoint of epoch 1")
     MN.signal_batch(job, "USR1")
-    assert finish(job, log, 400) == ("COMPLETED", 0), slurm.output(log)
-    text = slurm.output(log)
+    text = ends_as_one_node(job, log, run_dir, one_node_two_ranks)
     assert int(MN.job_info(job).get("Restarts", "0")) == 1, text
     assert "requeueing" in text and "resumed from" in text, text
     # both nodes saved and left with the preemption code before the requeue
     for rank, node in enumerate(NODES):
         assert f"rank {rank} on {node}: checkpoint saved, exit 99" in text, text
     assert set(ranks_on_nodes(text).values()) == set(NODES), text
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["world_size"] == 2 and results["epochs_run"] == 3
-    assert_identical(final_weights(run_dir), final_weights(one_node_two_ranks))
 
 
 # ------------------------------------------------------------------ 5: a node lost mid-training

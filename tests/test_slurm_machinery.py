@@ -139,27 +139,31 @@ def _wait_ready(run_dir: Path, ranks: int, job: int, log: Path, timeout: float =
     pytest.fail(f"ranks of job {job} not ready after {timeout}s:\n{slurm.output(log)}")
 
 
-def test_usr1_is_forwarded_and_exit_99_requeues(tmp_path):
-    """common.sh's iqa_run_preemptible with a plain `srun python` step and exit code 99
-    (no marker files): the batch shell's USR1 trap forwards to srun, the job requeues
-    itself, and the second run resumes."""
+def _preemptible_standin(tmp_path: Path, sbatch: str, resume: str, env: dict | None = None) -> tuple[int, Path]:
+    """Submit a batch script that runs the stand-in training step through common.sh's
+    iqa_run_preemptible with a plain `srun python` step; (job, log) once it is ready."""
     (tmp_path / "standin_train.py").write_text(STANDIN_TRAIN)
-    run_dir = tmp_path / "run"
-    script = tmp_path / "preempt.sh"
+    run_dir, script, log = tmp_path / "run", tmp_path / "job.sh", tmp_path / "job.out"
     script.write_text(textwrap.dedent(f"""\
         #!/bin/bash
-        #SBATCH --requeue
-        #SBATCH --open-mode=append
+        {sbatch}
         set -euo pipefail
         cd "$SLURM_SUBMIT_DIR"
         source slurm/common.sh
         iqa_setup
         iqa_run_preemptible {run_dir} srun --ntasks=1 python {tmp_path}/standin_train.py \\
-            --run_dir {run_dir} --resume latest
+            --run_dir {run_dir} {resume}
         """))
-    log = tmp_path / "preempt.out"
-    job = slurm.submit(["-o", str(log), str(script)], env={"STANDIN_MARKERS": "0"}, cwd=REPO)
+    job = slurm.submit(["-o", str(log), str(script)], env=env, cwd=REPO)
     _wait_ready(run_dir, 1, job, log)
+    return job, log
+
+
+def test_usr1_is_forwarded_and_exit_99_requeues(tmp_path):
+    """Exit code 99 without marker files: the batch shell's USR1 trap forwards to srun,
+    the job requeues itself, and the second run resumes."""
+    job, log = _preemptible_standin(tmp_path, "#SBATCH --requeue --open-mode=append", "--resume latest",
+                                    env={"STANDIN_MARKERS": "0"})
     slurm.signal_batch(job, "USR1")
     assert _finish(job, log) == ("COMPLETED", 0), slurm.output(log)
     text = slurm.output(log)
@@ -172,22 +176,7 @@ def test_usr1_is_forwarded_and_exit_99_requeues(tmp_path):
 def test_scancel_lets_the_step_save_but_does_not_requeue(tmp_path):
     """SIGTERM from scancel reaches the step (which saves and exits 99); the batch shell
     waits for it and must not requeue: `scontrol requeue` would succeed on a cancelled job."""
-    (tmp_path / "standin_train.py").write_text(STANDIN_TRAIN)
-    run_dir = tmp_path / "run"
-    script = tmp_path / "cancel.sh"
-    script.write_text(textwrap.dedent(f"""\
-        #!/bin/bash
-        #SBATCH --requeue
-        set -euo pipefail
-        cd "$SLURM_SUBMIT_DIR"
-        source slurm/common.sh
-        iqa_setup
-        iqa_run_preemptible {run_dir} srun --ntasks=1 python {tmp_path}/standin_train.py \\
-            --run_dir {run_dir}
-        """))
-    log = tmp_path / "cancel.out"
-    job = slurm.submit(["-o", str(log), str(script)], cwd=REPO)
-    _wait_ready(run_dir, 1, job, log)
+    job, log = _preemptible_standin(tmp_path, "#SBATCH --requeue", "")
     slurm.cancel(job)
     state, _ = _finish(job, log, 60)
     time.sleep(3)  # the batch shell logs its decision during KillWait
