@@ -24,9 +24,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # unset and DeepSpeed believes it is alone. cpu=True would switch DeepSpeed off.
     # The timeout bounds how long a collective waits for a rank that is gone (torch's
     # default is 30 minutes); liveness.py then names the rank.
+    timeout = timedelta(seconds=cfg.dist_timeout_s)
     # Gradients as views of DDP's buckets: one copy of the gradients less, in memory and
     # in time, every step.
-    timeout = timedelta(seconds=cfg.dist_timeout_s)
     handlers = ([InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout),
                  DistributedDataParallelKwargs(gradient_as_bucket_view=True)] if several else [])
     accelerator = Accelerator(cpu=no_gpu and not deepspeed, mixed_precision=precision(cfg, gpu=not no_gpu),

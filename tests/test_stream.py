@@ -318,11 +318,12 @@ def test_kept_batches_are_never_overwritten_by_a_worker_reusing_its_buffers(smal
     assert all(torch.equal(c, k) and torch.equal(c[1:], v) for c, k, v in zip(copied, kept, views))
 
 
-def test_a_worker_buffer_is_reused_only_once_every_tensor_of_it_is_freed():
+def test_a_worker_buffer_is_reused_only_once_every_tensor_of_it_is_freed(monkeypatch):
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
 
+    monkeypatch.setattr(handover, "_buffers", {})  # this process plays the worker: its own buffers
     first = handover.buffer((4, 8)).fill_(7)
     received = pickle.loads(ForkingPickler.dumps(handover.Handover(first)))  # as the main process gets it
     assert torch.equal(received, first) and type(received) is torch.Tensor
@@ -336,3 +337,17 @@ def test_a_worker_buffer_is_reused_only_once_every_tensor_of_it_is_freed():
     reused = handover.buffer((4, 8))
     assert held.untyped_storage().data_ptr() != reused.untyped_storage().data_ptr()
     assert reused.untyped_storage().data_ptr() == handover._buffers[32][0].data_ptr()
+
+
+def _buffers_held() -> int:
+    return sum(len(kept) for kept in handover._buffers.values())
+
+
+def test_a_forked_worker_starts_without_its_parents_buffers(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(handover, "_buffers", {})
+    handover.buffer((2, 2))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_buffers_held) == 0
+    assert _buffers_held() == 1

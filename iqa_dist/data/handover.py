@@ -14,6 +14,7 @@ consumer does with it (keeping it, viewing it, pinning it) can see a later batch
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import torch
@@ -22,6 +23,8 @@ FREE, HELD = 0, 1
 KEPT = 4  # buffers kept per size: the DataLoader's prefetch (2), the batch in use, one more
 
 _buffers: dict[int, list[torch.UntypedStorage]] = {}  # per worker process
+# A forked process starts with none: two workers must never write into one inherited buffer.
+os.register_at_fork(after_in_child=lambda: _buffers.clear())
 
 
 def _flag(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
