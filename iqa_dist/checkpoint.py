@@ -30,6 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import atomic
+
 TRAINER_STATE = "trainer.json"
 # The exit code of a rank that saved a checkpoint because it was asked to stop (SIGUSR1,
 # SIGTERM). Launchers (torchrun, accelerate launch) turn a child's code into their own
@@ -153,6 +155,9 @@ def staging_dir(run_dir: Path, step: int) -> Path:
 def publish(run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int = 2) -> Path:
     """Complete a staged checkpoint: write trainer.json, rename, point ``last`` at it."""
     stage = staging_dir(run_dir, step)
+    for f in stage.rglob("*"):  # Accelerate's safetensors files are 0600: a shared run is read by others
+        if f.is_file():
+            atomic.share(f)
     write_json(stage / TRAINER_STATE, trainer_state)
     final = checkpoints_dir(run_dir) / f"step-{step:08d}"
     if final.exists():
@@ -180,19 +185,15 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=float)
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=1, default=float))
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Weights as safetensors, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic.temporary(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+        atomic.replace(tmp, path)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import atomic
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
         return list(value)
+    if isinstance(value, str) and base in (int, float):
+        value = _number(base, value)
     ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -146,6 +149,15 @@ def _coerce(name: str, value: Any) -> Any:
     if name in _RANGES:
         _check_range(name, value)
     return value
+
+
+def _number(kind: type, text: str) -> Any:
+    """``text`` as an int or float, else ``text`` unchanged. PyYAML follows YAML 1.1, which
+    reads ``1e-3`` (no dot) as a string: users write that, and the command line takes it."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text
 
 
 def _check_range(name: str, value: float) -> None:
@@ -194,10 +206,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(path: str | os.PathLike, base: Config | None = None) -> Config:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
@@ -232,12 +250,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 def save_yaml(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _parse_value(name: str, text: str) -> Any:

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 
 from .config import Config, from_dict
 from .data.stream import ShardError, Split, load_split
+from .images import max_pixels
 from .runtime import make_accelerator, shards_path
 from .scoring import card_of, gather_all, local_predictions, same_direction, split_metrics
 from .tools import load_trained, markdown_table
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parse_args(argv)
     try:
+        max_pixels()  # here, not in every loader worker
         trained = load_trained(args.checkpoint)
         overrides = {k: v for k, v in (("test_patch_num", args.test_patch_num), ("workers", args.workers),
                                        ("split_round", args.round), ("batch_size", args.batch_size),

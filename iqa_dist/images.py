@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import ConfigError
 
 # PIL's own bomb check warns at 89 megapixels and fails at twice that, naming no file;
 # ours (max_pixels) refuses before decoding, with the file's name, at a limit users set.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 64_000_000  # SPAQ's 4000x3000 photos are 12 megapixels
+
+# How every image is read, in pack, training and predict alike (the card records it).
+DECODING = "8-bit RGB; EXIF orientation applied; 16-bit samples scaled by bit depth; alpha over white"
 
 # Modes PIL decodes to 8-bit RGB without changing what a viewer sees.
 _DIRECT = {"RGB"}
@@ -32,7 +37,7 @@ def max_pixels() -> int:
     except (ValueError, OverflowError):
         limit = 0
     if limit < 1:
-        raise ValueError(f"IQA_MAX_PIXELS={text!r}: expected a positive number of pixels")
+        raise ConfigError(f"IQA_MAX_PIXELS={text!r}: expected a positive number of pixels")
     return limit
 
 
@@ -47,6 +52,9 @@ def open_rgb(data: bytes, where: str = "image") -> tuple[Image.Image, str | None
         img = Image.open(io.BytesIO(data))  # reads the header only
         _check_size(img, limit, where)
         img.load()
+        # a phone's portrait photo is stored sideways with an orientation tag: a viewer,
+        # and so a rater, sees it upright
+        ImageOps.exif_transpose(img, in_place=True)
     except BadImage:
         raise
     except UnidentifiedImageError:  # PIL's message names an anonymous buffer, not the file
@@ -69,13 +77,22 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     """16-bit, grey, palette, CMYK and alpha images to 8-bit RGB (alpha over white)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        top = 2.0 ** _bit_depth(img) - 1  # not the maximum: a dark 16-bit image stays dark
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _bit_depth(img: Image.Image) -> int:
+    """Bits per sample of an integer image: a TIFF says it; PIL opens 16-bit PNG and PGM
+    files as ``I;16`` (older versions as ``I``), so 16 otherwise."""
+    bits = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    if isinstance(bits, tuple):
+        bits = bits[0]
+    return int(bits) if bits else 16
 
 
 def read_rgb(path: str | Path) -> Image.Image:

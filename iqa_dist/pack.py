@@ -19,7 +19,6 @@ re-run with other inputs is refused (or rebuilt with ``--overwrite``), and a mer
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -29,7 +28,6 @@ import os
 import signal
 import sys
 import tarfile
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,14 +39,14 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from .images import BadImage, encode_jpeg, encode_png, open_rgb
+from . import atomic
+from .images import DECODING, BadImage, encode_jpeg, encode_png, open_rgb
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
 SPLITS = ("train", "val", "test")
 INPUTS = "pack_inputs.json"
 # The options that shape the shards; rounds and split only shape the manifest, rebuilt every run.
 SHARD_OPTIONS = ("resize", "lossy_quality", "shard_size", "seed", "shuffle")
-TMP_SUFFIX = ".tmp"
 # Extensions by the format PIL finds in the bytes (MPO: phones' multi-picture JPEGs); the
 # stream knows these, and "img" for anything else.
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif",
@@ -131,7 +129,7 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
         done = json.loads(rows_path.read_text())
         return tar_path.name, done["rows"], [Skipped(**s) for s in done["skipped"]]
     rows, skipped = [], []
-    with _temporary(tar_path) as tmp:
+    with atomic.temporary(tar_path) as tmp:
         with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: reproducible shards
             for rec in records:
                 try:
@@ -142,8 +140,8 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
                 meta = {"label": rec.label, "std": rec.std, "ref": rec.ref, "key": rec.key}
                 sink.write({"__key__": rec.key, ext: data, "json": meta})
                 rows.append(_row(rec, tar_path.name, ext, img, data, note))
-        os.replace(tmp, tar_path)
-    _atomic_write_text(rows_path, json.dumps(
+        atomic.replace(tmp, tar_path)
+    atomic.write_text(rows_path, json.dumps(
         {"rows": rows, "skipped": [dataclasses.asdict(s) for s in skipped]}))
     return tar_path.name, rows, skipped
 
@@ -157,36 +155,9 @@ def _row(rec: Record, shard: str, ext: str, img: Image.Image, data: bytes, note:
     }
 
 
-@contextlib.contextmanager
-def _temporary(path: Path) -> Iterator[Path]:
-    """A new temporary file beside ``path`` (unique: slices write side by side), removed
-    unless the caller renamed it; what a kill -9 leaves, :func:`_remove_temporaries` clears."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str, exclusive: bool = False) -> bool:
-    """Write ``path`` whole or not at all. ``exclusive``: only if it does not exist yet,
-    atomically among concurrent writers (a hard link fails on an existing name)."""
-    with _temporary(path) as tmp:
-        tmp.write_text(text)
-        if not exclusive:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-    return True
-
-
 def _remove_temporaries(out: Path) -> None:
     """Temporaries of killed runs; call only where no other run writes (not in slices)."""
-    for tmp in out.glob(f".*{TMP_SUFFIX}"):
+    for tmp in out.glob(f".*{atomic.SUFFIX}"):
         tmp.unlink(missing_ok=True)
 
 
@@ -267,9 +238,9 @@ def split_columns(rows: list[dict], info: DatasetInfo, options: PackOptions) -> 
 
 def write_manifest(rows: list[dict], out: Path) -> None:
     path = out / "manifest.parquet"
-    with _temporary(path) as tmp:
+    with atomic.temporary(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, path)
+        atomic.replace(tmp, path)
 
 
 def read_manifest(shards: str | Path) -> list[dict]:
@@ -306,6 +277,7 @@ def card(rows: list[dict], info: DatasetInfo, options: PackOptions, root: Path,
         "label_stats": {"min": float(labels.min()), "max": float(labels.max()),
                         "mean": float(labels.mean()), "std": float(labels.std())} if len(rows) else {},
         "split_counts": {s: sum(r["split_0"] == s for r in rows) for s in SPLITS},
+        "decoding": DECODING,
         "options": {k: list(v) if isinstance(v, tuple) else v
                     for k, v in dataclasses.asdict(options).items()},
     }
@@ -320,6 +292,7 @@ def card_markdown(c: dict) -> str:
              f"(split by {c['split_unit']}); skipped: {c['num_skipped']}",
              "- split round 0: " + ", ".join(f"{k} {v}" for k, v in c["split_counts"].items()),
              f"- resize: {resize}{' (original pixels)' if resize == 'none' else ''}",
+             f"- decoding: {c.get('decoding', 'not recorded')}",
              f"- packing options: `{json.dumps(c['options'])}`", ""]
     return "\n".join(lines)
 
@@ -410,7 +383,7 @@ def _claim(out: Path, inputs: dict) -> None:
     if not path.exists() and any(out.glob("*.rows.json")):
         raise PackError(f"{out}: holds shards of an earlier pack that did not record its inputs; "
                         "use --overwrite to rebuild")
-    if _atomic_write_text(path, json.dumps(inputs, indent=1), exclusive=True):
+    if atomic.write_text(path, json.dumps(inputs, indent=1), exclusive=True):
         return
     differences = _differences(recorded_inputs(out), inputs)
     if differences:
@@ -422,7 +395,7 @@ def _remove_outputs(out: Path) -> None:
     """Everything an earlier pack wrote into ``out`` (``--overwrite``); a demo's source stays."""
     for pattern in ("*-[0-9][0-9][0-9][0-9][0-9].tar", "*-[0-9][0-9][0-9][0-9][0-9].rows.json",
                     "manifest.parquet", "_info.json", "card.json", "card.md", "pack_report*.json",
-                    INPUTS, f".*{TMP_SUFFIX}"):
+                    INPUTS, f".*{atomic.SUFFIX}"):
         for path in out.glob(pattern):
             path.unlink()
 
@@ -466,7 +439,7 @@ def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, worke
               "skipped": [dataclasses.asdict(s) for s in skipped]}
     if not sliced:
         finish(rows, reader.info, options, root, out, len(skipped))
-    _atomic_write_text(out / _report_name(part), json.dumps(report, indent=1))
+    atomic.write_text(out / _report_name(part), json.dumps(report, indent=1))
     return report
 
 
@@ -482,10 +455,10 @@ def finish(rows: list[dict], info: DatasetInfo, options: PackOptions, root: Path
         for row, value in zip(rows, values):
             row[name] = value
     write_manifest(rows, out)
-    _atomic_write_text(out / "_info.json", json.dumps(info_json(rows, info, options.rounds), indent=1))
+    atomic.write_text(out / "_info.json", json.dumps(info_json(rows, info, options.rounds), indent=1))
     c = card(rows, info, options, root, skipped)
-    _atomic_write_text(out / "card.json", json.dumps(c, indent=1))
-    _atomic_write_text(out / "card.md", card_markdown(c))
+    atomic.write_text(out / "card.json", json.dumps(c, indent=1))
+    atomic.write_text(out / "card.md", card_markdown(c))
 
 
 def merge(dataset: str, out: Path, options: PackOptions) -> dict:
@@ -508,7 +481,7 @@ def merge(dataset: str, out: Path, options: PackOptions) -> dict:
     root = Path(inputs["root"])
     finish(rows, get_reader(dataset).info, options, root, out, len(skipped))
     report = {"dataset": dataset, "root": str(root), "packed": len(rows), "skipped": skipped}
-    _atomic_write_text(out / "pack_report.json", json.dumps(report, indent=1))
+    atomic.write_text(out / "pack_report.json", json.dumps(report, indent=1))
     return report
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .config import ConfigError
 from .data.stream import eval_crops, to_model_input
-from .images import BadImage, read_rgb
+from .images import BadImage, max_pixels, read_rgb
 from .tools import default_device, label_scale, load_trained, markdown_table
 
 EXIT_SKIPPED = 1  # some inputs were skipped; the others were scored
@@ -194,6 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        max_pixels()  # checked once here, not once per image
         trained = load_trained(args.checkpoint)
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, for_world, parse_config, save_yaml
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
+from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
 from .losses import iqa_loss
 from .optim import base_lr, build_scheduler, is_hyper
@@ -120,6 +121,7 @@ class Trainer:
         self.val_split = load_split(self.shards, "val", cfg.split_round)
         self.test_split = load_split(self.shards, "test", cfg.split_round)
         check_splits(self.shards, self.train_split, self.val_split, self.test_split)
+        max_pixels()  # a bad IQA_MAX_PIXELS is one line here, not an error in every loader worker
         self.card = card_of(self.shards)
         self.steps = steps_per_epoch(len(self.train_split), cfg.train_patch_num, cfg.batch_size, world,
                                      cfg.grad_accum)

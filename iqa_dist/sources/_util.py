@@ -7,6 +7,7 @@ scipy and openpyxl are imported on first use: listing the readers stays cheap.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -172,7 +173,8 @@ def text_rows(path: Path) -> list[tuple[int, list[str]]]:
 
 def csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) of a csv file with a header naming at least ``required``."""
-    reader = csv.DictReader(read_text(path).splitlines())
+    # the csv module splits the rows itself: a quoted name may hold a newline
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
     try:
         rows = [(reader.line_num, row) for row in reader]
     except csv.Error as err:

@@ -1,0 +1,133 @@
+"""Bad input a careless user gives, and what must never be lost or silently wrong:
+files readable by a cluster's other users, labels.csv rows, 16-bit and rotated photographs,
+config files, and a bad pixel limit."""
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iqa_dist import checkpoint, evaluate, images, predict, train
+from iqa_dist.config import Config, ConfigError, load_yaml, save_yaml
+from iqa_dist.images import open_rgb
+from iqa_dist.sources import csvfile
+
+from test_train import machinery_args
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_written_files_honour_the_umask(mask, tmp_path):
+    old = os.umask(mask)
+    try:
+        save_yaml(Config(), tmp_path / "config.yaml")
+        checkpoint.write_json(tmp_path / "results.json", {"srcc": 1.0})
+        checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "best" / "model.safetensors")
+        (tmp_path / "notes.txt").write_text("x")  # as open() makes it: the reference
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 4 and {_mode(p) for p in files} == {0o666 & ~mask}
+
+
+def test_packed_sets_are_readable_by_others(small_shards):
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    assert expected & 0o044  # pytest runs under an ordinary umask: group and others may read
+    files = [p for p in small_shards.iterdir() if p.is_file()]
+    assert any(p.suffix == ".tar" for p in files) and (small_shards / "manifest.parquet") in files
+    assert {p.name: _mode(p) for p in files} == {p.name: expected for p in files}
+
+
+def test_a_quoted_name_with_a_newline_keeps_its_own_label(tmp_path):
+    (tmp_path / "odd\nname.png").write_bytes(b"")
+    (tmp_path / "plain.png").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text('name,mos\n"odd\nname.png",10\nplain.png,20\n')
+    records, skipped = csvfile.read(tmp_path)
+    assert {r.path.name: r.label for r in records} == {"odd\nname.png": 10.0, "plain.png": 20.0}
+    assert skipped == []
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_dark_16_bit_image_stays_dark():
+    values = np.full((8, 8), 200 * 257, dtype=np.uint16)  # 200 on an 8-bit scale
+    values[0, 0] = 100  # and one nearly black pixel: the maximum alone is 51400, not 65535
+    img, converted = open_rgb(_png(values))
+    assert converted == "I;16"
+    assert np.asarray(img)[1, 1].tolist() == [200, 200, 200] and np.asarray(img)[0, 0, 0] == 0
+    dark, _ = open_rgb(_png(np.full((8, 8), 200, dtype=np.uint16)))  # all under 256 of 65535
+    assert np.asarray(dark).max() == 1
+
+
+def _rotated_jpeg(orientation: int) -> bytes:
+    """60 wide x 40 tall, left half white, stored with an EXIF orientation tag."""
+    arr = np.zeros((40, 60, 3), dtype=np.uint8)
+    arr[:, :30] = 255
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img, _ = open_rgb(_rotated_jpeg(6))  # 6: the camera was turned 90 degrees clockwise
+    arr = np.asarray(img)
+    assert img.size == (40, 60)  # upright: a portrait
+    assert arr[:30].mean() > 200 and arr[30:].mean() < 50  # the white half is now on top
+    assert open_rgb(_rotated_jpeg(1))[0].size == (60, 40)
+    path = tmp_path / "portrait.jpg"
+    path.write_bytes(_rotated_jpeg(6))
+    assert predict.read_rgb(path).size == (40, 60)  # predict reads through the same decoder
+
+
+def test_the_card_says_how_images_are_decoded(small_shards):
+    import json
+
+    assert json.loads((small_shards / "card.json").read_text())["decoding"] == images.DECODING
+    assert "EXIF orientation applied" in (small_shards / "card.md").read_text()
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 2E-4\nepochs: 3\n")  # PyYAML reads 1e-3 as a string
+    cfg = load_yaml(path)
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (1e-3, 2e-4, 3)
+    path.write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="lr: expected float, got 'fast'"):
+        load_yaml(path)
+
+
+def test_a_config_that_is_a_folder_or_binary_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory, not a config file$"):
+        load_yaml(tmp_path)
+    path = tmp_path / "x.yaml"
+    path.write_bytes(b"lr: \xff\xfe\x00\x01\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: not a text file \(not UTF-8\)$"):
+        load_yaml(path)
+
+
+def test_a_bad_pixel_limit_is_one_line_at_start(small_shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IQA_MAX_PIXELS", "abc")
+    message = "error: IQA_MAX_PIXELS='abc': expected a positive number of pixels"
+    assert predict.main(["--checkpoint", str(tmp_path / "no-run"), str(tmp_path)]) != 0
+    assert evaluate.main(["--checkpoint", str(tmp_path / "no-run"), "--shards", str(small_shards)]) != 0
+    assert train.main(machinery_args(small_shards, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert err.count(message) == 3 and "Traceback" not in err
