@@ -72,3 +72,11 @@ def write_text(path: str | os.PathLike, text: str, exclusive: bool = False) -> b
         except FileExistsError:
             return False
     return True
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written in it (OSError if not): a run's
+    output place is checked before its work, not after it, when the work would be lost."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass

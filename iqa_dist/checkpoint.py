@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -53,9 +52,7 @@ def prepare_run_dir(run_dir: Path) -> None:
     collective, so a read-only place is one line at start, not a traceback at the first
     checkpoint (or a rank left waiting at a barrier)."""
     try:
-        checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=checkpoints_dir(run_dir)):
-            pass
+        atomic.check_writable(checkpoints_dir(run_dir))
     except OSError as err:
         raise CheckpointError(f"{run_dir}: cannot write the run directory ({err.strerror or err})") from None
 

@@ -29,7 +29,7 @@ from .data.stream import ShardError, Split, load_split
 from .images import max_pixels
 from .runtime import make_accelerator, shards_path
 from .scoring import card_of, gather_all, local_predictions, same_direction, split_metrics
-from .tools import load_trained, markdown_table
+from .tools import check_out, load_trained, markdown_table
 
 
 # ---------------------------------------------------------------- command line: cross-data-set tests
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         max_pixels()  # here, not in every loader worker
         trained = load_trained(args.checkpoint)
+        check_out(args.out or default_out(trained.weights), folder=True)
         overrides = {k: v for k, v in (("test_patch_num", args.test_patch_num), ("workers", args.workers),
                                        ("split_round", args.round), ("batch_size", args.batch_size),
                                        ("mixed_precision", args.mixed_precision)) if v is not None}
@@ -135,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         splits = [load_split(root, args.split, cfg.split_round) for root in roots]
         for split in splits:
             split.check_shards()
+            card_of(split.root)  # the label direction decides the sign of every correlation
+            if not len(split):
+                raise ShardError(f"{split.root}: the {split.name} split holds no image (round "
+                                 f"{cfg.split_round}): nothing to evaluate")
     except (FileNotFoundError, ValueError, ShardError) as err:  # the same on every rank: all leave together
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .config import ConfigError
 from .data.stream import eval_crops, to_model_input
 from .images import BadImage, max_pixels, read_rgb
-from .tools import default_device, label_scale, load_trained, markdown_table
+from .tools import check_out, default_device, label_scale, load_trained, markdown_table
 
 EXIT_SKIPPED = 1  # some inputs were skipped; the others were scored
 EXIT_ERROR = 2  # nothing scored: bad checkpoint, bad arguments
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         max_pixels()  # checked once here, not once per image
+        if args.out is not None:
+            check_out(args.out, folder=False)
         trained = load_trained(args.checkpoint)
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():

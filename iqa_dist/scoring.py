@@ -12,13 +12,24 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from .config import Config
-from .data.stream import Split, batches, eval_loader, to_model_input
+from .data.stream import ShardError, Split, batches, eval_loader, to_model_input
 from .metrics import aggregate_by_key, compute_metrics
 
 
 def card_of(shards: str | Path) -> dict:
+    """A packed set's card: label name, scale and direction. A set without a readable one is
+    refused: taken as higher-is-better, a DMOS set's correlations would silently flip sign."""
     path = Path(shards) / "card.json"
-    return json.loads(path.read_text()) if path.exists() else {"higher_is_better": True}
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing, so the label direction (MOS or DMOS) is unknown; "
+                         "pack the set again") from None
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: unreadable card ({err}); pack the set again") from None
+    if not isinstance(card, dict) or not isinstance(card.get("higher_is_better"), bool):
+        raise ShardError(f"{path}: does not say the label direction (higher_is_better); pack the set again")
+    return card
 
 
 def same_direction(trained_on: dict, tested_on: dict) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from . import atomic
 from .checkpoint import find_model_files, load_weights
 from .config import Config, load_yaml
 from .models import HyperIQA, create_model
@@ -115,3 +116,16 @@ def time_stats_ms(seconds: np.ndarray) -> dict[str, float]:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_out(out: Path, folder: bool) -> None:
+    """Refuse an output that cannot be written before any scoring: a file ``out`` that is a
+    folder, a folder ``out`` that is a file, or a place without write permission."""
+    if folder and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; give a folder for the results")
+    if not folder and out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name such as scores.csv or scores.parquet")
+    try:
+        atomic.check_writable(out if folder else out.parent)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot be written ({err.strerror or err})") from None

@@ -131,3 +131,92 @@ def test_a_bad_pixel_limit_is_one_line_at_start(small_shards, tmp_path, monkeypa
     assert train.main(machinery_args(small_shards, tmp_path / "run")) == 1
     err = capsys.readouterr().err
     assert err.count(message) == 3 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--rounds", "0"], "--rounds 0: must be >= 1"),
+    (["--shard_size", "0"], "--shard_size 0: must be >= 1"),
+    (["--split", "0.5", "0.5", "0.5"], "--split 0.5 0.5 0.5: three fractions in 0-1 that add up to 1"),
+    (["--resize", "bogus"], "--resize bogus: unknown resize policy 'bogus'"),
+    (["--resize", "short:x"], "--resize short:x: "),
+])
+def test_pack_checks_its_arguments_before_writing_anything(flags, problem, tmp_path, capsys):
+    from iqa_dist.pack import main as pack_main
+
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "labels.csv").write_text("name,mos\n")
+    with pytest.raises(SystemExit) as exit_:
+        pack_main(["--dataset", "csv", "--root", str(root), "--out", str(tmp_path / "out"), *flags])
+    assert exit_.value.code == 2
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # so the corrected command is not refused as "other inputs"
+
+
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory) -> Path:
+    """checkpoints/best of a micro HyperIQA as training writes it, without the training."""
+    from dataclasses import replace
+
+    from iqa_dist.tools import model_from_config
+
+    run = tmp_path_factory.mktemp("faults") / "run"
+    best = run / "checkpoints" / "best"
+    cfg = replace(Config(), model_size="micro", test_patch_num=1, workers=0, batch_size=8, spaq=False)
+    checkpoint.save_weights(model_from_config(cfg).state_dict(), best / "model.safetensors")
+    save_yaml(cfg, best / "config.yaml")
+    checkpoint.write_json(best / "metrics.json", {"label_card": {"higher_is_better": True, "label_name": "MOS"}})
+    return run
+
+
+def _copy_without(shards: Path, dest: Path, name: str, text: str | None = None) -> Path:
+    import shutil
+
+    shutil.copytree(shards, dest)
+    (dest / name).unlink()
+    if text is not None:
+        (dest / name).write_text(text)
+    return dest
+
+
+@pytest.mark.parametrize("text, problem", [(None, "card.json: missing, so the label direction"),
+                                           ('{"name": "x", "higher_is', "card.json: unreadable card"),
+                                           ('{"name": "x"}', "card.json: does not say the label direction")])
+def test_a_set_without_a_readable_card_is_refused_by_evaluate(text, problem, untrained_run, small_shards,
+                                                              tmp_path, capsys):
+    shards = _copy_without(small_shards, tmp_path / "set", "card.json", text)
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(untrained_run), "--shards", str(shards), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "Traceback" not in err
+    assert not (out / "results.md").exists()
+
+
+def test_an_empty_split_is_refused_by_evaluate(untrained_run, tmp_path, capsys):
+    from conftest import make_csv_set
+    from iqa_dist.pack import PackOptions, pack
+
+    shards = tmp_path / "all-train"
+    pack("csv", make_csv_set(tmp_path / "src", n_refs=3, per_ref=1), shards,
+         PackOptions(rounds=1, split=(1.0, 0.0, 0.0)), workers=0)
+    assert evaluate.main(["--checkpoint", str(untrained_run), "--shards", str(shards), "--split", "val"]) == 2
+    assert "the val split holds no image (round 0): nothing to evaluate" in capsys.readouterr().err
+
+
+def test_unusable_outputs_are_refused_before_any_scoring(untrained_run, small_shards, tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    image = tmp_path / "img.png"
+    image.write_bytes(_png(np.zeros((240, 240, 3), dtype=np.uint8)))
+    assert evaluate.main(["--checkpoint", str(untrained_run), "--shards", str(small_shards),
+                          "--out", str(a_file)]) == 2
+    folder = tmp_path / "scores.csv"
+    folder.mkdir()
+    assert predict.main(["--checkpoint", str(untrained_run), str(image), "--out", str(folder)]) != 0
+    assert predict.main(["--checkpoint", str(untrained_run), str(image), "--out",
+                         str(a_file / "scores.csv")]) != 0
+    err = capsys.readouterr().err
+    assert f"--out {a_file}: is a file; give a folder" in err
+    assert f"--out {folder}: is a folder; give a file name" in err
+    assert f"--out {a_file / 'scores.csv'}: cannot be written" in err
+    assert "evaluating" not in capsys.readouterr().out and "Traceback" not in err
