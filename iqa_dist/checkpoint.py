@@ -23,7 +23,7 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,6 +55,34 @@ def prepare_run_dir(run_dir: Path) -> None:
         atomic.check_writable(checkpoints_dir(run_dir))
     except OSError as err:
         raise CheckpointError(f"{run_dir}: cannot write the run directory ({err.strerror or err})") from None
+
+
+RUN_FILES = ("config.yaml", "summary.csv", "results.json")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether an earlier run left its results or checkpoints in ``run_dir``."""
+    found = checkpoints_dir(run_dir)
+    return (any((Path(run_dir) / f).exists() for f in RUN_FILES) or (found / "last").is_symlink()
+            or (found / "best").exists() or any(found.glob("step-*")))
+
+
+def clear_run(run_dir: Path, keep: str) -> None:
+    """``--overwrite``: remove everything in ``run_dir`` but ``keep`` (the lock)."""
+    for entry in Path(run_dir).iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def experiment_changes(saved: dict[str, Any], now: dict[str, Any], allowed: Sequence[str]) -> list[str]:
+    """``key: old -> new`` for each key that defines the experiment and differs (keys a
+    checkpoint of an older version did not record are not compared)."""
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(saved.keys() & now.keys())
+            if k not in allowed and saved[k] != now[k]]
 
 
 def resolve_resume(resume: str | None, run_dir: Path, warn: Callable[[str], None] = print) -> Path | None:

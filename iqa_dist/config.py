@@ -86,7 +86,18 @@ class Config:
     #                            silent this long is declared lost and the others exit with code 3
     plots: bool = True
     max_bad_samples: int = 10  # unreadable images skipped per process before a run stops
+    overwrite: bool = False  # start afresh in a run_dir an earlier run left, deleting all it holds
+    allow_changed: list[str] = field(default_factory=list)  # keys a resume may change (e.g. [lr])
 
+
+# Keys that say how a run is carried out, not what it computes: a resume may change them.
+# Every other key (and the packed data) defines the experiment, which a resume continues.
+RUN_KEYS = frozenset({
+    "epochs", "patience", "early_stopping", "workers", "threads", "log_every", "max_steps_per_epoch",
+    "dist_timeout_s", "plots", "max_bad_samples", "resume", "run_dir", "overwrite", "allow_changed",
+    "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "compile", "mixed_precision",
+    "pretrained", "pretrained_path",  # a resumed model's weights come from its checkpoint
+})
 
 _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
     "no_lr_scheduler": ("lr_scheduler", "none"),

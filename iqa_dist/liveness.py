@@ -30,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 EXIT_LOST_RANK = 3
 
@@ -45,7 +46,7 @@ class Peer:
 
 class Liveness:
     def __init__(self, run_dir: str | Path, rank: int, world: int, timeout_s: float,
-                 interval: float = 1.0) -> None:
+                 interval: float = 1.0, before_exit: Callable[[], None] | None = None) -> None:
         self.dir = Path(run_dir) / "liveness"
         self.rank, self.world, self.timeout_s, self.interval = rank, world, float(timeout_s), interval
         self.host = socket.gethostname()
@@ -55,6 +56,7 @@ class Liveness:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.before_exit = before_exit  # os._exit skips every finally: e.g. the run directory's lock
 
     # ------------------------------------------------------------ own heartbeat
 
@@ -95,6 +97,8 @@ class Liveness:
             if lost:
                 print(f"error: {self.message(lost)}; giving up after {self.timeout_s:.0f} s "
                       f"(dist_timeout_s)", file=sys.stderr, flush=True)
+                if self.before_exit:
+                    self.before_exit()
                 os._exit(EXIT_LOST_RANK)
 
     # ------------------------------------------------------------ the others

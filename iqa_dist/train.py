@@ -15,8 +15,10 @@ makes the others exit within ``dist_timeout_s`` with code 3 and a message naming
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -35,12 +37,14 @@ from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, for_world, parse_config, save_yaml
+from .config import RUN_KEYS, Config, ConfigError, for_world, parse_config, save_yaml, to_dict
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
 from .losses import iqa_loss
 from .optim import base_lr, build_scheduler, is_hyper
+from .runlock import NAME as LOCK_NAME
+from .runlock import LockedError, RunLock
 from .runtime import compiled, make_accelerator, placed, set_determinism, shards_path
 from .scoring import card_of, predict_split, same_direction, split_metrics
 from .tools import model_from_config
@@ -108,7 +112,7 @@ class State:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) -> None:
         self.given, self.callbacks = cfg, list(callbacks)  # ``given`` is what config.yaml records
         self.accelerator = make_accelerator(cfg)
         world = self.accelerator.num_processes
@@ -143,10 +147,12 @@ class Trainer:
         self.state = State()
         self.stop = StopFlag()
         self.writer = None
+        self.lock = self.claim_run_dir() if lock else None
         self.liveness = None
         if world > 1:
             self.liveness = Liveness(self.run_dir, self.accelerator.process_index, world,
-                                     timeout_s=cfg.dist_timeout_s).start()
+                                     timeout_s=cfg.dist_timeout_s,
+                                     before_exit=self.lock.release if self.lock else None).start()
 
     @property
     def main(self) -> bool:
@@ -161,6 +167,62 @@ class Trainer:
         rank = f"rank {self.accelerator.process_index}: " if self.accelerator.num_processes > 1 else ""
         tqdm.write(f"warning: {rank}{text}", file=sys.stderr)
 
+    # -------------------------------------------------- the run directory
+
+    def claim_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run directory and checks that it may train there; every rank
+        learns the answer, so all leave together when it may not."""
+        lock, problem = None, [None]
+        if self.main:
+            try:
+                lock = RunLock(self.run_dir).acquire()
+                self.check_fresh_start()
+            except (LockedError, ckpt.CheckpointError) as err:
+                if lock is not None:
+                    lock.release()
+                problem = [str(err)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(problem)
+        if problem[0]:
+            raise ckpt.CheckpointError(problem[0])
+        return lock
+
+    def check_fresh_start(self) -> None:
+        """A run directory an earlier run left is continued (--resume) or cleared
+        (--overwrite), never silently replaced."""
+        if not ckpt.holds_run(self.run_dir) or self.cfg.resume:
+            return
+        if not self.cfg.overwrite:
+            raise ckpt.CheckpointError(f"{self.run_dir}: holds an earlier run; --resume latest continues it, "
+                                       "--overwrite deletes it and starts again, or give another --run_dir")
+        self.log(f"--overwrite: deleting the earlier run in {self.run_dir}")
+        ckpt.clear_run(self.run_dir, keep=LOCK_NAME)
+        ckpt.prepare_run_dir(self.run_dir)
+
+    def experiment(self) -> dict[str, Any]:
+        """What a checkpoint records of the experiment: every key but the run's mechanics,
+        and the packed data (a re-packed set's splits differ)."""
+        record = {k: v for k, v in to_dict(self.given).items() if k not in RUN_KEYS}
+        record["manifest_sha1"] = hashlib.sha1((self.shards / "manifest.parquet").read_bytes()).hexdigest()
+        return record
+
+    def check_same_experiment(self, path: Path) -> None:
+        saved = ckpt.read_trainer_state(path).get("experiment", {})
+        changes = ckpt.experiment_changes(saved, self.experiment(), self.cfg.allow_changed)
+        if changes:
+            keys = " ".join(c.split(":")[0] for c in changes)
+            raise ckpt.CheckpointError(f"{path}: another experiment ({'; '.join(changes)}); resume with the "
+                                       f"same settings, start a new --run_dir, or --allow_changed {keys} "
+                                       "if you mean it")
+
+    def carry_best_over(self, path: Path) -> None:
+        """Resuming another run's checkpoint into this directory: its best weights come
+        along, since its best epoch is the one this run must beat and finally test."""
+        theirs, ours = path.parent / "best", ckpt.checkpoints_dir(self.run_dir) / "best"
+        if self.main and theirs.is_dir() and not ours.exists() and theirs.resolve() != ours.resolve():
+            shutil.copytree(theirs, ours)
+        self.accelerator.wait_for_everyone()
+
     # -------------------------------------------------- checkpoints
 
     def save(self) -> Path:
@@ -170,7 +232,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         path = None
         if self.main:
-            state = dict(vars(self.state), scheduler=self.scheduler.state_dict())
+            state = dict(vars(self.state), scheduler=self.scheduler.state_dict(), experiment=self.experiment())
             path = ckpt.publish(self.run_dir, self.state.global_step, state)
         self.accelerator.wait_for_everyone()
         return path or ckpt.checkpoints_dir(self.run_dir) / f"step-{self.state.global_step:08d}"
@@ -186,6 +248,7 @@ class Trainer:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ckpt.CheckpointError(f"{path}: cannot be loaded ({first})") from None
         saved = ckpt.read_trainer_state(path)
+        saved.pop("experiment", None)
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.state = State(**saved)
         self.rebase_lr()
@@ -370,14 +433,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.given, self.run_dir / "config.yaml")
-        self.accelerator.wait_for_everyone()
         resume = ckpt.resolve_resume(cfg.resume, self.run_dir, warn=self.log)
-        self.accelerator.wait_for_everyone()
+        if resume is not None:  # before anything is written: a refused resume changes nothing
+            self.check_same_experiment(resume)
+            self.carry_best_over(resume)
         if self.main:
+            save_yaml(self.given, self.run_dir / "config.yaml")
             ckpt.clear_preempted(self.run_dir)
+        self.accelerator.wait_for_everyone()
         if resume is not None:
             self.load(resume)
         if self.accelerator.num_processes > 1:  # where each rank runs: a multi-node run's log shows both
@@ -455,11 +518,13 @@ def check_splits(root: Path, train: Split, val: Split, test: Split) -> None:
 # ---------------------------------------------------------------- API and command line
 
 
-def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Train one run (or ``cfg.rounds`` runs on seeded splits); returns the results."""
+def train(cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) -> dict[str, Any]:
+    """Train one run (or ``cfg.rounds`` runs on seeded splits); returns the results.
+    ``lock=False`` where the caller owns the run directory (a Tune trial's, which Tune may
+    restart on another node while the lock of the lost one still looks alive)."""
     if cfg.rounds > 1:
         return train_rounds(cfg, callbacks)
-    trainer = Trainer(cfg, callbacks)
+    trainer = Trainer(cfg, callbacks, lock)
     live, lost = trainer.liveness, []
     try:
         results = trainer.fit()
@@ -476,6 +541,8 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             raise LostRank(f"{live.message(lost)} ({type(err).__name__}: {first})") from err
         raise
     finally:
+        if trainer.lock:
+            trainer.lock.release()
         if not lost:  # the process group of a run that lost a rank is not worth a clean shutdown
             trainer.accelerator.end_training()  # without it DeepSpeed on CPU may abort at exit
     if live:

@@ -75,7 +75,7 @@ SCHEDULER_FIELDS = {
 }
 SWEEP_KEYS = ("base", "overrides", "space", "scheduler", "search", "num_samples", "max_concurrent",
               "resources_per_trial", "max_failures", "metric", "mode", "storage_path", "name")
-SET_BY_SWEEP = ("run_dir", "resume", "rounds")  # per trial, or meaningless in one (rounds)
+SET_BY_SWEEP = ("run_dir", "resume", "rounds", "overwrite", "allow_changed")  # per trial, or meaningless in one
 VAL_METRICS = ("val_srcc", "val_plcc", "val_krcc", "val_rmse")  # never a test metric
 EPOCH_LOG = "epochs.csv"  # in each trial's directory: every epoch the trial trained
 RAY_ENV = {
@@ -422,12 +422,15 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], experiment_dir: str)
     reset_accelerate()
     report = partial(report_epoch, run_dir.parent / EPOCH_LOG)
     checkpoint = tune.get_checkpoint()
+    # Tune owns the trial's directory (no lock: it may restart the trial on another node): a
+    # trial without a checkpoint starts afresh, one with a checkpoint resumes it, with the
+    # values PBT may have changed (an exploit loads another trial's checkpoint).
     if checkpoint is None:
-        train(cfg, callbacks=[report])
+        train(replace(cfg, overwrite=True), callbacks=[report], lock=False)
         return
     with checkpoint.as_directory() as path:
         restore_best(Path(path), run_dir)
-        train(replace(cfg, resume=str(path)), callbacks=[report])
+        train(replace(cfg, resume=str(path), allow_changed=list(params)), callbacks=[report], lock=False)
 
 
 # ---------------------------------------------------------------- results
