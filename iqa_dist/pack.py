@@ -185,7 +185,10 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _die_with_parent(parent: int) -> None:
-    """Pool initializer: without it a worker outlives a killed pack, blocked forever on its pipe."""
+    """Pool initializer: without it a worker outlives a killed pack, blocked forever on its pipe.
+    Ctrl-C reaches every process of the terminal's group: the parent alone stops the pack,
+    so the workers' tracebacks do not bury its one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -583,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LayoutError, BadImage, OSError, ValueError) as err:  # OSError: a full disk, a read-only --out
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished shards in {args.out} are kept; the same command continues",
+              file=sys.stderr)
+        return 130
     for s in report["skipped"]:
         print(f"skipped {s['where']}: {s['reason']}", file=sys.stderr)
     if args.verify:

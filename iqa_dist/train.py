@@ -57,6 +57,18 @@ class Callback(Protocol):
 class Preempted(Exception):
     """Raised after the checkpoint of a run asked to stop has been written."""
 
+    def __init__(self, signum: int | None = None) -> None:
+        super().__init__(signum)
+        self.signum = signum  # what this process received (None: it stopped with the others)
+
+    @property
+    def exit_code(self) -> int:
+        """130 after Ctrl-C, as a shell reports SIGINT; 99 otherwise, which requeues a SLURM job."""
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else ckpt.EXIT_PREEMPTED
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
 
 class Diverged(RuntimeError):
     pass
@@ -79,17 +91,33 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; all ranks agree on it at the next step."""
+    """Set by SIGUSR1/SIGTERM (a scheduler) or SIGINT (Ctrl-C); all ranks agree on it at the
+    next step, save a checkpoint and stop. A second Ctrl-C aborts at once, without one."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.raised = False
+        self.signum: int | None = None  # the signal this process received, if any
+        self.previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return  # Ray Tune runs a trial in a thread, where signals cannot be caught
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            tqdm.write("stopping: a checkpoint at the next step, then exit (Ctrl-C again: at once, "
+                       "without one)", file=sys.stderr)
+        self.raised, self.signum = True, signum
+
+    def restore(self) -> None:
+        """Give the process its handlers back (train() may run inside a longer program)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 # ---------------------------------------------------------------- the loop
@@ -360,7 +388,7 @@ class Trainer:
             self.log(f"stop requested: saving at step {st.global_step}")
             path = self.save()
             ckpt.mark_preempted(self.run_dir, self.accelerator.process_index, path)
-            raise Preempted()
+            raise Preempted(self.stop.signum)
 
     def count_bad(self, problems: list[str]) -> None:
         """Bad samples the loader skipped (their patches were cut from other images)."""
@@ -541,6 +569,7 @@ def train(cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) ->
             raise LostRank(f"{live.message(lost)} ({type(err).__name__}: {first})") from err
         raise
     finally:
+        trainer.stop.restore()
         if trainer.lock:
             trainer.lock.release()
         if not lost:  # the process group of a run that lost a rank is not worth a clean shutdown
@@ -571,10 +600,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, description=__doc__.split("\n")[0])
     try:
         train(cfg)
-    except Preempted:
+    except Preempted as stopped:
+        why = "interrupted" if stopped.exit_code == EXIT_INTERRUPTED else "preempted"
         print(f"rank {os.environ.get('RANK', '0')} on {socket.gethostname()}: checkpoint saved, "
-              f"exit {ckpt.EXIT_PREEMPTED} (preempted)", file=sys.stderr, flush=True)
-        return ckpt.EXIT_PREEMPTED
+              f"exit {stopped.exit_code} ({why}); --resume latest continues", file=sys.stderr, flush=True)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("interrupted without a checkpoint; --resume latest continues from the last one",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except LostRank as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_LOST_RANK

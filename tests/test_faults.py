@@ -220,3 +220,27 @@ def test_unusable_outputs_are_refused_before_any_scoring(untrained_run, small_sh
     assert f"--out {folder}: is a folder; give a file name" in err
     assert f"--out {a_file / 'scores.csv'}: cannot be written" in err
     assert "evaluating" not in capsys.readouterr().out and "Traceback" not in err
+
+
+def test_ctrl_c_stops_a_pack_in_one_line_and_the_same_command_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import make_csv_set
+    from iqa_dist.pack import main as pack_main
+
+    root = make_csv_set(tmp_path / "src", n_refs=20, per_ref=3)
+    out = tmp_path / "out"
+    args = ["--dataset", "csv", "--root", str(root), "--shard_size", "2", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.pack", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while proc.poll() is None and len(list(out.glob("*.rows.json"))) < 3:
+        time.sleep(0.01)  # polling the condition itself
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to the pack and its workers
+    err = proc.communicate(timeout=120)[1]
+    assert not (out / "manifest.parquet").exists()  # it was stopped mid-work
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip() == f"interrupted: the finished shards in {out} are kept; the same command continues"
+    assert pack_main(args) == 0 and (out / "manifest.parquet").exists()

@@ -131,13 +131,18 @@ def test_killed_run_resumes_bit_identical(small_shards, uninterrupted, tmp_path)
     assert (run_dir / "summary.csv").read_text().count("\n") == 4  # header + 3 epochs, none twice
 
 
-def test_sigusr1_saves_mid_epoch_and_resume_is_bit_identical(small_shards, uninterrupted, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, 99), (signal.SIGTERM, 99), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_mid_epoch_and_resume_is_bit_identical(sig, code, small_shards, uninterrupted,
+                                                                   tmp_path):
+    """SLURM's warning signal and its kill (99: the job requeues itself), Ctrl-C (130, as a shell
+    reports it): the process saves at the next step and exits with that literal code."""
     run_dir = tmp_path / "run"
     args = machinery_args(small_shards, run_dir)
     proc = start_past_first_epoch(train_cmd(args), run_dir)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
+    assert f"checkpoint saved, exit {code}" in err and "Traceback" not in err
     assert (run_dir / "preempted" / "rank-0.json").exists()
     out = run(train_cmd(args + ["--resume", "latest"]))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -183,8 +188,10 @@ def test_stop_request_between_accumulation_steps_waits_for_the_cycle(small_shard
 
     monkeypatch.setattr(Trainer, "train_step", stop_after_first_micro_step)
     cfg = machinery_config(small_shards, tmp_path / "stopped", **cycles)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(Preempted):
         train(cfg)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # pytest's own, given back
     state = json.loads((tmp_path / "stopped" / "checkpoints" / "last" / "trainer.json").read_text())
     assert (state["global_step"], state["step_in_epoch"]) == (2, 2)
     train(replace(cfg, resume="latest"))
