@@ -22,15 +22,17 @@ TARGET_WIDTHS = (224, 112, 56, 28, 14, 1)
 ATTENTION_HIDDEN = 256
 
 
-def kaiming_init(module: nn.Module) -> None:
-    """``kaiming_normal_`` on every conv and linear weight of ``module``, as the original
-    HyperIQA initialises its LDA taps and hyper network. PyTorch's default draws weights
-    2.4x smaller (std 1/sqrt(3 fan_in), not sqrt(2/fan_in)): the generated target weights
-    start near zero, and in our demo runs the micro Swin then learned nothing or collapsed
-    to constant scores. Biases keep PyTorch's default: the original re-initialises weights only."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight)
+def kaiming_init(*modules: nn.Module) -> None:
+    """``kaiming_normal_`` on every conv and linear weight of ``modules``, as the original
+    HyperIQA and the seed re-initialise the LDA taps and the hyper network's heads (weight
+    convs, bias FCs, last FC); the hyper network's trunk and the attention MLP keep
+    PyTorch's default, as there. The default draws weights 2.4x smaller (std
+    1/sqrt(3 fan_in), not sqrt(2/fan_in)): the generated target weights would start near
+    zero. Biases keep PyTorch's default: the original re-initialises weights only."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
 
 
 class LDA(nn.Module):
@@ -56,16 +58,13 @@ def _lda_tap(in_channels: int, stage: int) -> nn.Sequential:
 
 
 class ScaleAttention(nn.Module):
-    """Per-patch softmax weights of the four stages, from the pooled last stage."""
+    """Per-patch softmax weights of the four stages, from the pooled last stage; PyTorch's
+    default init, as the seed's (its re-initialisation loop skips this module)."""
 
     def __init__(self, in_channels: int, scales: int = 4) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_channels, ATTENTION_HIDDEN), nn.ReLU(inplace=True),
                                  nn.Dropout(0.5), nn.Linear(ATTENTION_HIDDEN, scales), nn.Softmax(dim=1))
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):  # small weights: every stage starts near 1/scales
-                nn.init.normal_(layer.weight, std=0.01)
-                nn.init.zeros_(layer.bias)
 
     def forward(self, last: torch.Tensor) -> torch.Tensor:
         return self.net(last.mean(dim=(2, 3)))
@@ -111,7 +110,7 @@ class HyperNetwork(nn.Module):
                                           for n_in, n_out in self.shapes[:-1])
         self.last_weight = nn.Linear(HYPER_CHANNELS, TARGET_WIDTHS[-2] * TARGET_WIDTHS[-1])
         self.bias_fcs = nn.ModuleList(nn.Linear(HYPER_CHANNELS, n_out) for _, n_out in self.shapes)
-        kaiming_init(self)
+        kaiming_init(self.weight_convs, self.last_weight, self.bias_fcs)  # the trunk keeps the default
 
     def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         h = self.dropout(self.trunk(x))
