@@ -204,7 +204,7 @@ class Trainer:
         weights = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards
         if self.main:
             best = ckpt.checkpoints_dir(self.run_dir) / "best"
-            ckpt.save_weights(weights, best / "model.safetensors",
+            ckpt.save_weights(ckpt.as_fp32(weights), best / "model.safetensors",
                               metadata={"model_size": self.cfg.model_size})
             save_yaml(self.given, best / "config.yaml")
             ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))

@@ -1,6 +1,7 @@
 """HyperIQA: shapes, parameter counts against the reference, target network, weights loading."""
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -135,6 +136,41 @@ def test_batched_target_network_equals_per_sample_loop() -> None:
             h = w[b] @ h + bias[b]
             h = torch.sigmoid(h) if k < len(params) - 1 else h
         assert batched[b].item() == pytest.approx(h.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("bf16", ["autocast", "weights"])
+def test_under_bf16_heads_and_target_network_compute_in_fp32(bf16: str) -> None:
+    """The backbone, taps and trunk run in bf16 (autocast, or a model cast to bf16 as
+    DeepSpeed does); from the same inputs (the LDA vector, the trunk's maps) upcast, the
+    generated parameters and the scores are what fp32 gives."""
+    model = create_model("micro").eval()
+    x = torch.randn(3, 3, 224, 224)
+    if bf16 == "weights":
+        model, x = model.bfloat16(), x.bfloat16()
+    seen: dict[str, object] = {}
+    for name, part in (("lda", model.lda), ("trunk", model.hyper.trunk), ("params", model.hyper)):
+        part.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 == "autocast"):
+        scores = model(x)
+    assert seen["lda"].dtype == seen["trunk"].dtype == torch.bfloat16  # bf16 upstream
+
+    hyper, h = copy.deepcopy(model.hyper).float(), seen["trunk"].float()
+    with torch.no_grad():
+        pooled = h.mean(dim=(2, 3))
+        weights = [conv(h) for conv in hyper.weight_convs] + [hyper.last_weight(pooled)]
+        biases = [fc(pooled) for fc in hyper.bias_fcs]
+    params = seen["params"]
+    for (w, b), w32, b32 in zip(params, weights, biases):
+        assert w.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(w.flatten(1), w32.flatten(1), rtol=1e-5, atol=1e-5 * w32.abs().max().item())
+        torch.testing.assert_close(b, b32, rtol=1e-5, atol=1e-5 * b32.abs().max().item())
+
+    x = seen["lda"].double()  # the target network by hand, one matrix product per layer
+    for k, (w, b) in enumerate(params):
+        x = (w.double() @ x[..., None])[..., 0] + b.double()
+        x = torch.sigmoid(x) if k < len(params) - 1 else x[:, 0]
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
 
 
 def test_forward_backward_reaches_backbone_and_hyper_network() -> None:

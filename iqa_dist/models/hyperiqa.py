@@ -2,7 +2,8 @@
 
 The backbone's four stages feed two paths: the local distortion aware (LDA) taps make
 each patch's 224-wide target input; the hyper network turns the (fused) feature maps
-into the weights of a small per-patch target network that scores that input.
+into the weights of a small per-patch target network that scores that input. Under
+mixed precision that target network and the heads generating its weights compute in fp32.
 """
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def kaiming_init(*modules: nn.Module) -> None:
         for m in module.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
+
+
+def fp32(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device: the target network and the hyper network's heads that
+    generate its weights compute in float32 under mixed precision. In bf16 (8 significant
+    bits) a score near 50 moves in steps of 0.25, coarser than the ranking margin 0.1, and
+    evaluation would not score as ``predict`` does in fp32. The rest of the model keeps
+    bf16: these layers are a small share of the compute."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _fp32_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with float32 parameters: DeepSpeed's bf16 casts the module itself, so
+    its bf16 weights are upcast (the gradient still reaches them)."""
+    weight, bias = layer.weight.float(), layer.bias.float()
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding)
+    return F.linear(x, weight, bias)
 
 
 class LDA(nn.Module):
@@ -114,10 +133,12 @@ class HyperNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         h = self.dropout(self.trunk(x))
-        pooled = h.mean(dim=(2, 3))
-        weights = [conv(h) for conv in self.weight_convs] + [self.last_weight(pooled)]
-        return [(w.reshape(len(x), n_out, n_in), fc(pooled))
-                for w, fc, (n_in, n_out) in zip(weights, self.bias_fcs, self.shapes)]
+        with fp32(h):  # the heads' outputs are the target network's weights: see fp32
+            h = h.float()
+            pooled = h.mean(dim=(2, 3))
+            weights = [_fp32_layer(conv, h) for conv in self.weight_convs] + [_fp32_layer(self.last_weight, pooled)]
+            return [(w.reshape(len(x), n_out, n_in), _fp32_layer(fc, pooled))
+                    for w, fc, (n_in, n_out) in zip(weights, self.bias_fcs, self.shapes)]
 
 
 class TargetNetwork(nn.Module):
@@ -128,16 +149,19 @@ class TargetNetwork(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
 
     def forward(self, x: torch.Tensor, params: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        *hidden, (w_last, b_last) = params
-        for i, (w, b) in enumerate(hidden):
-            x = torch.sigmoid(torch.einsum("bi,boi->bo", x, w) + b)
-            if i < len(hidden) - 1:  # the seed leaves the last hidden layer undropped
-                x = self.dropout(x)
-        return (torch.einsum("bi,boi->bo", x, w_last) + b_last)[:, 0]
+        with fp32(x):  # scores in bf16 would move in steps of 0.25-0.5 on a 0-100 scale
+            x = x.float()
+            *hidden, (w_last, b_last) = [(w.float(), b.float()) for w, b in params]
+            for i, (w, b) in enumerate(hidden):
+                x = torch.sigmoid(torch.einsum("bi,boi->bo", x, w) + b)
+                if i < len(hidden) - 1:  # the seed leaves the last hidden layer undropped
+                    x = self.dropout(x)
+            return (torch.einsum("bi,boi->bo", x, w_last) + b_last)[:, 0]
 
 
 class HyperIQA(nn.Module):
-    """``forward(x[B, 3, 224, 224]) -> scores[B]`` on the scale of the training labels."""
+    """``forward(x[B, 3, 224, 224]) -> scores[B]`` on the scale of the training labels,
+    float32 whatever the precision of the backbone (see ``fp32``)."""
 
     def __init__(self, backbone: Backbone, *, multiscale: bool = True, attention_fusion: bool = False,
                  dropout_rate: float = 0.3) -> None:
