@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, for_world, parse_config, save_yaml
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .liveness import EXIT_LOST_RANK, Liveness
-from .losses import iqa_loss
+from .losses import global_iqa_loss
 from .optim import base_lr, build_scheduler, is_hyper
 from .runtime import compiled, make_accelerator, placed, set_determinism, shards_path
 from .scoring import card_of, predict_split, same_direction, split_metrics
@@ -240,7 +240,7 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 preds = self.forward(images).float()
-            loss = iqa_loss(preds, labels, alpha=cfg.ranking_loss_alpha, margin=cfg.ranking_loss_margin)
+            loss = global_iqa_loss(preds, labels, alpha=cfg.ranking_loss_alpha, margin=cfg.ranking_loss_margin)
             acc.backward(loss)
             if acc.sync_gradients and cfg.grad_clip > 0 and acc.state.deepspeed_plugin is None:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
