@@ -50,7 +50,7 @@ def _fp32_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
     its bf16 weights are upcast (the gradient still reaches them)."""
     weight, bias = layer.weight.float(), layer.bias.float()
     if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, weight, bias, layer.stride, layer.padding)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     return F.linear(x, weight, bias)
 
 
