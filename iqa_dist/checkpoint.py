@@ -221,6 +221,12 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
         atomic.replace(tmp, path)
 
 
+def as_fp32(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors as float32, others (indices, counters) as they are: DeepSpeed's bf16
+    casts the model itself, and weights for scoring and fine-tuning should not carry that."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():

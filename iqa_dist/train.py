@@ -41,7 +41,7 @@ from .config import RUN_KEYS, Config, ConfigError, for_world, parse_config, save
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
-from .losses import iqa_loss
+from .losses import global_iqa_loss
 from .optim import base_lr, build_scheduler, is_hyper
 from .runlock import NAME as LOCK_NAME
 from .runlock import LockedError, RunLock
@@ -297,7 +297,7 @@ class Trainer:
         weights = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards
         if self.main:
             best = ckpt.checkpoints_dir(self.run_dir) / "best"
-            ckpt.save_weights(weights, best / "model.safetensors",
+            ckpt.save_weights(ckpt.as_fp32(weights), best / "model.safetensors",
                               metadata={"model_size": self.cfg.model_size})
             save_yaml(self.given, best / "config.yaml")
             ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))
@@ -333,7 +333,7 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 preds = self.forward(images).float()
-            loss = iqa_loss(preds, labels, alpha=cfg.ranking_loss_alpha, margin=cfg.ranking_loss_margin)
+            loss = global_iqa_loss(preds, labels, alpha=cfg.ranking_loss_alpha, margin=cfg.ranking_loss_margin)
             acc.backward(loss)
             if acc.sync_gradients and cfg.grad_clip > 0 and acc.state.deepspeed_plugin is None:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from iqa_dist.checkpoint import as_fp32
 from test_train import REPO, machinery_args
 
 # DeepSpeed compiles its shared-memory all-reduce on first use (about a minute): cache it.
@@ -31,11 +33,12 @@ def no_shared_memory_left():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_selects_tests_and_resumes(small_shards, tmp_path, stage):
-    """ZeRO-3 shards the parameters too: the final test loads the best weights into them."""
+@pytest.mark.parametrize("stage, precision", [(2, "no"), (3, "bf16")])
+def test_zero_trains_selects_tests_and_resumes(small_shards, tmp_path, stage, precision):
+    """ZeRO-3 shards the parameters too: the final test loads the best weights into them.
+    Under bf16 DeepSpeed casts the model itself; ``best`` still holds float32 weights."""
     run_dir = tmp_path / f"zero{stage}"
-    args = machinery_args(small_shards, run_dir, "--workers", "0")  # later flags win
+    args = machinery_args(small_shards, run_dir, "--workers", "0", "--mixed_precision", precision)
     first = deepspeed_run(stage, args + ["--epochs", "1"])
     assert first.returncode == 0, first.stderr[-3000:]
     last = run_dir / "checkpoints" / "last"
@@ -50,5 +53,15 @@ def test_zero_trains_selects_tests_and_resumes(small_shards, tmp_path, stage):
     assert state["epoch"] == 2 and state["global_step"] == 2 * steps > 0
     best = load_file(str(run_dir / "checkpoints" / "best" / "model.safetensors"))
     assert all(t.numel() for t in best.values())  # whole tensors, not ZeRO-3's empty shards
+    assert {t.dtype for t in best.values() if t.is_floating_point()} == {torch.float32}
     results = json.loads((run_dir / "results.json").read_text())
     assert math.isfinite(results["test"]["srcc"]) and results["epochs_run"] == 2
+
+
+def test_reduces_gradients_in_fp32_and_best_weights_are_fp32():
+    for stage in (2, 3):
+        assert json.loads((REPO / f"launch/ds_zero{stage}.json").read_text())["communication_data_type"] == "fp32"
+    weights = {"w": torch.ones(2, dtype=torch.bfloat16), "index": torch.arange(3)}
+    cast = as_fp32(weights)
+    assert (cast["w"].dtype, cast["index"].dtype) == (torch.float32, torch.int64)
+    assert torch.equal(cast["w"], torch.ones(2)) and cast["index"] is weights["index"]

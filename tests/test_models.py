@@ -1,6 +1,7 @@
 """HyperIQA: shapes, parameter counts against the reference, target network, weights loading."""
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -99,18 +100,28 @@ def test_hyper_network_generates_reference_shapes() -> None:
     assert generated == 33_545  # per-patch target network size in the reference
 
 
-def test_lda_and_hyper_network_start_as_the_original_kaiming_normal() -> None:
+def init_groups(model: HyperIQA) -> dict[str, list[nn.Module]]:
+    def layers(*parts: nn.Module) -> list[nn.Module]:
+        return [m for part in parts for m in part.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    hyper = model.hyper
+    return {"kaiming": layers(model.lda, hyper.weight_convs, hyper.last_weight, hyper.bias_fcs),
+            "default": layers(hyper.trunk, model.fusion.attention)}
+
+
+def test_head_starts_as_the_original_kaiming_on_taps_and_heads_default_on_trunk_and_attention() -> None:
     model = create_model("micro", attention_fusion=True)
-    layers = [m for part in (model.lda, model.hyper) for m in part.modules()
-              if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(layers) == 7 + 3 + 4 + 1 + 5  # LDA, trunk, weight convs, last weight, bias fcs
-    for layer in layers:
-        w = layer.weight
-        fan_in = w[0].numel()
-        # kaiming's std is sqrt(2 / fan_in); PyTorch's default 1 / sqrt(3 fan_in) is 2.4x smaller
-        assert w.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.25), layer
-    attention = [m.weight for m in model.fusion.attention.modules() if isinstance(m, nn.Linear)]
-    assert all(w.std().item() == pytest.approx(0.01, rel=0.25) for w in attention)
+    groups = init_groups(model)
+    assert [len(g) for g in groups.values()] == [7 + 4 + 1 + 5, 3 + 2]  # LDA, weight convs, last, bias fcs
+    for name, group in groups.items():
+        for layer in group:
+            w = layer.weight.detach().double()
+            fan_in, n = w[0].numel(), w.numel()
+            # kaiming_normal_: sqrt(2 / fan_in); PyTorch's default U(+-1/sqrt(fan_in)): 1 / sqrt(3 fan_in),
+            # 2.4x smaller. The sample std of n draws is off by about sqrt(1/(2n)) relative at most
+            # (normal; uniform sqrt(1/(5n))): six of those is a tolerance no seed can cross.
+            expected = (2 / fan_in) ** 0.5 if name == "kaiming" else (3 * fan_in) ** -0.5
+            assert w.std().item() == pytest.approx(expected, rel=6 * (2 * n) ** -0.5), (name, layer)
 
 
 def test_batched_target_network_equals_per_sample_loop() -> None:
@@ -125,6 +136,41 @@ def test_batched_target_network_equals_per_sample_loop() -> None:
             h = w[b] @ h + bias[b]
             h = torch.sigmoid(h) if k < len(params) - 1 else h
         assert batched[b].item() == pytest.approx(h.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("bf16", ["autocast", "weights"])
+def test_under_bf16_heads_and_target_network_compute_in_fp32(bf16: str) -> None:
+    """The backbone, taps and trunk run in bf16 (autocast, or a model cast to bf16 as
+    DeepSpeed does); from the same inputs (the LDA vector, the trunk's maps) upcast, the
+    generated parameters and the scores are what fp32 gives."""
+    model = create_model("micro").eval()
+    x = torch.randn(3, 3, 224, 224)
+    if bf16 == "weights":
+        model, x = model.bfloat16(), x.bfloat16()
+    seen: dict[str, object] = {}
+    for name, part in (("lda", model.lda), ("trunk", model.hyper.trunk), ("params", model.hyper)):
+        part.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 == "autocast"):
+        scores = model(x)
+    assert seen["lda"].dtype == seen["trunk"].dtype == torch.bfloat16  # bf16 upstream
+
+    hyper, h = copy.deepcopy(model.hyper).float(), seen["trunk"].float()
+    with torch.no_grad():
+        pooled = h.mean(dim=(2, 3))
+        weights = [conv(h) for conv in hyper.weight_convs] + [hyper.last_weight(pooled)]
+        biases = [fc(pooled) for fc in hyper.bias_fcs]
+    params = seen["params"]
+    for (w, b), w32, b32 in zip(params, weights, biases):
+        assert w.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(w.flatten(1), w32.flatten(1), rtol=1e-5, atol=1e-5 * w32.abs().max().item())
+        torch.testing.assert_close(b, b32, rtol=1e-5, atol=1e-5 * b32.abs().max().item())
+
+    x = seen["lda"].double()  # the target network by hand, one matrix product per layer
+    for k, (w, b) in enumerate(params):
+        x = (w.double() @ x[..., None])[..., 0] + b.double()
+        x = torch.sigmoid(x) if k < len(params) - 1 else x[:, 0]
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
 
 
 def test_forward_backward_reaches_backbone_and_hyper_network() -> None:

@@ -376,8 +376,8 @@ def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_and_accumulation_with_the_same_global_batch(tmp_path):
     """DDP averages gradients: global_batch_size 8 as 2 ranks x 4, 1 rank x 8 and 1 rank
-    x 4 x 2 accumulation steps must take the same SGD steps (L1 only: the ranking loss's
-    pairs do not cross ranks, by design)."""
+    x 4 x 2 accumulation steps must take the same SGD steps (L1 only; test_losses checks
+    the ranking loss across ranks)."""
     script = str(REPO / "tests" / "ddp_step.py")
     one = run([sys.executable, script, str(tmp_path / "one.safetensors"), "8", "1"])
     two = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",

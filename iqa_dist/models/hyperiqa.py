@@ -2,7 +2,8 @@
 
 The backbone's four stages feed two paths: the local distortion aware (LDA) taps make
 each patch's 224-wide target input; the hyper network turns the (fused) feature maps
-into the weights of a small per-patch target network that scores that input.
+into the weights of a small per-patch target network that scores that input. Under
+mixed precision that target network and the heads generating its weights compute in fp32.
 """
 from __future__ import annotations
 
@@ -22,15 +23,35 @@ TARGET_WIDTHS = (224, 112, 56, 28, 14, 1)
 ATTENTION_HIDDEN = 256
 
 
-def kaiming_init(module: nn.Module) -> None:
-    """``kaiming_normal_`` on every conv and linear weight of ``module``, as the original
-    HyperIQA initialises its LDA taps and hyper network. PyTorch's default draws weights
-    2.4x smaller (std 1/sqrt(3 fan_in), not sqrt(2/fan_in)): the generated target weights
-    start near zero, and in our demo runs the micro Swin then learned nothing or collapsed
-    to constant scores. Biases keep PyTorch's default: the original re-initialises weights only."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight)
+def kaiming_init(*modules: nn.Module) -> None:
+    """``kaiming_normal_`` on every conv and linear weight of ``modules``, as the original
+    HyperIQA and the seed re-initialise the LDA taps and the hyper network's heads (weight
+    convs, bias FCs, last FC); the hyper network's trunk and the attention MLP keep
+    PyTorch's default, as there. The default draws weights 2.4x smaller (std
+    1/sqrt(3 fan_in), not sqrt(2/fan_in)): the generated target weights would start near
+    zero. Biases keep PyTorch's default: the original re-initialises weights only."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+
+def fp32(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device: the target network and the hyper network's heads that
+    generate its weights compute in float32 under mixed precision. In bf16 (8 significant
+    bits) a score near 50 moves in steps of 0.25, coarser than the ranking margin 0.1, and
+    evaluation would not score as ``predict`` does in fp32. The rest of the model keeps
+    bf16: these layers are a small share of the compute."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _fp32_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with float32 parameters: DeepSpeed's bf16 casts the module itself, so
+    its bf16 weights are upcast (the gradient still reaches them)."""
+    weight, bias = layer.weight.float(), layer.bias.float()
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight, bias)
 
 
 class LDA(nn.Module):
@@ -56,16 +77,13 @@ def _lda_tap(in_channels: int, stage: int) -> nn.Sequential:
 
 
 class ScaleAttention(nn.Module):
-    """Per-patch softmax weights of the four stages, from the pooled last stage."""
+    """Per-patch softmax weights of the four stages, from the pooled last stage; PyTorch's
+    default init, as the seed's (its re-initialisation loop skips this module)."""
 
     def __init__(self, in_channels: int, scales: int = 4) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_channels, ATTENTION_HIDDEN), nn.ReLU(inplace=True),
                                  nn.Dropout(0.5), nn.Linear(ATTENTION_HIDDEN, scales), nn.Softmax(dim=1))
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):  # small weights: every stage starts near 1/scales
-                nn.init.normal_(layer.weight, std=0.01)
-                nn.init.zeros_(layer.bias)
 
     def forward(self, last: torch.Tensor) -> torch.Tensor:
         return self.net(last.mean(dim=(2, 3)))
@@ -111,14 +129,16 @@ class HyperNetwork(nn.Module):
                                           for n_in, n_out in self.shapes[:-1])
         self.last_weight = nn.Linear(HYPER_CHANNELS, TARGET_WIDTHS[-2] * TARGET_WIDTHS[-1])
         self.bias_fcs = nn.ModuleList(nn.Linear(HYPER_CHANNELS, n_out) for _, n_out in self.shapes)
-        kaiming_init(self)
+        kaiming_init(self.weight_convs, self.last_weight, self.bias_fcs)  # the trunk keeps the default
 
     def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         h = self.dropout(self.trunk(x))
-        pooled = h.mean(dim=(2, 3))
-        weights = [conv(h) for conv in self.weight_convs] + [self.last_weight(pooled)]
-        return [(w.reshape(len(x), n_out, n_in), fc(pooled))
-                for w, fc, (n_in, n_out) in zip(weights, self.bias_fcs, self.shapes)]
+        with fp32(h):  # the heads' outputs are the target network's weights: see fp32
+            h = h.float()
+            pooled = h.mean(dim=(2, 3))
+            weights = [_fp32_layer(conv, h) for conv in self.weight_convs] + [_fp32_layer(self.last_weight, pooled)]
+            return [(w.reshape(len(x), n_out, n_in), _fp32_layer(fc, pooled))
+                    for w, fc, (n_in, n_out) in zip(weights, self.bias_fcs, self.shapes)]
 
 
 class TargetNetwork(nn.Module):
@@ -129,16 +149,19 @@ class TargetNetwork(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
 
     def forward(self, x: torch.Tensor, params: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        *hidden, (w_last, b_last) = params
-        for i, (w, b) in enumerate(hidden):
-            x = torch.sigmoid(torch.einsum("bi,boi->bo", x, w) + b)
-            if i < len(hidden) - 1:  # the seed leaves the last hidden layer undropped
-                x = self.dropout(x)
-        return (torch.einsum("bi,boi->bo", x, w_last) + b_last)[:, 0]
+        with fp32(x):  # scores in bf16 would move in steps of 0.25-0.5 on a 0-100 scale
+            x = x.float()
+            *hidden, (w_last, b_last) = [(w.float(), b.float()) for w, b in params]
+            for i, (w, b) in enumerate(hidden):
+                x = torch.sigmoid(torch.einsum("bi,boi->bo", x, w) + b)
+                if i < len(hidden) - 1:  # the seed leaves the last hidden layer undropped
+                    x = self.dropout(x)
+            return (torch.einsum("bi,boi->bo", x, w_last) + b_last)[:, 0]
 
 
 class HyperIQA(nn.Module):
-    """``forward(x[B, 3, 224, 224]) -> scores[B]`` on the scale of the training labels."""
+    """``forward(x[B, 3, 224, 224]) -> scores[B]`` on the scale of the training labels,
+    float32 whatever the precision of the backbone (see ``fp32``)."""
 
     def __init__(self, backbone: Backbone, *, multiscale: bool = True, attention_fusion: bool = False,
                  dropout_rate: float = 0.3) -> None:
