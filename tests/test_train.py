@@ -168,10 +168,14 @@ def machinery_config(shards: Path, run_dir: Path, **overrides) -> Config:
     return from_dict(dict(MACHINERY, dataset=str(shards), run_dir=str(run_dir), **overrides))
 
 
-def test_stop_request_between_accumulation_steps_waits_for_the_cycle(small_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every, saved_at", [(1, 2), (3, 4)])
+def test_stop_request_between_accumulation_steps_waits_for_the_cycle(small_shards, tmp_path, monkeypatch,
+                                                                     log_every, saved_at):
     """Saving mid-cycle would lose the accumulated gradients: the stop waits for the
-    optimiser step, and the resumed run ends where an uninterrupted one does."""
-    cycles = dict(grad_accum=2, epochs=2, max_steps_per_epoch=4)
+    optimiser step, and the resumed run ends where an uninterrupted one does. Ranks hear
+    of it at the end of a log window (step 3 of 4 with log_every 3), mid-cycle: the save
+    waits for the cycle's end, here the epoch's last step, before its validation."""
+    cycles = dict(grad_accum=2, epochs=2, max_steps_per_epoch=4, log_every=log_every)
     train(machinery_config(small_shards, tmp_path / "whole", **cycles))
     real_step = Trainer.train_step
 
@@ -186,9 +190,24 @@ def test_stop_request_between_accumulation_steps_waits_for_the_cycle(small_shard
     with pytest.raises(Preempted):
         train(cfg)
     state = json.loads((tmp_path / "stopped" / "checkpoints" / "last" / "trainer.json").read_text())
-    assert (state["global_step"], state["step_in_epoch"]) == (2, 2)
+    assert (state["global_step"], state["step_in_epoch"]) == (saved_at, saved_at)
     train(replace(cfg, resume="latest"))
     assert_identical(final_weights(tmp_path / "stopped"), final_weights(tmp_path / "whole"))
+
+
+def test_the_loop_reads_the_device_once_per_log_window(small_shards, tmp_path, monkeypatch, host_reads):
+    """The loop reads the device once per log_every steps (the loss and the ranks'
+    agreement together), not every step: each read makes the host wait for the GPU."""
+    real_steps, reads = Trainer.run_steps, []
+
+    def run_steps(self, bar):
+        with host_reads() as seen:
+            real_steps(self, bar)
+        reads.extend(seen)
+
+    monkeypatch.setattr(Trainer, "run_steps", run_steps)
+    train(machinery_config(small_shards, tmp_path / "run", epochs=1, max_steps_per_epoch=6, log_every=3))
+    assert reads == ["tolist", "tolist"]
 
 
 def test_validation_srcc_nan_every_epoch_still_keeps_best_weights(small_shards, tmp_path, monkeypatch, capsys):
@@ -210,8 +229,9 @@ def test_rounds_report_median_and_spread(small_shards, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(small_shards, tmp_path):
+    # one log window longer than the epoch: the check at the epoch's end still comes first
     out = run(train_cmd(machinery_args(small_shards, tmp_path / "run", "--lr", "1e30", "--epochs", "2",
-                                       "--max_steps_per_epoch", "20", "--grad_clip", "0")))
+                                       "--max_steps_per_epoch", "20", "--grad_clip", "0", "--log_every", "50")))
     assert out.returncode == 1
     assert "loss is nan" in out.stderr or "loss is inf" in out.stderr
     assert "Traceback" not in out.stderr
@@ -450,7 +470,7 @@ def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypa
 
     def record(self, images, labels):
         loss = real_step(self, images, labels)
-        losses.setdefault(self.cfg.compile, []).append(loss)
+        losses.setdefault(self.cfg.compile, []).append(loss.item())
         return loss
 
     monkeypatch.setattr(Trainer, "train_step", record)
