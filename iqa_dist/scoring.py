@@ -57,7 +57,8 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
     loader = eval_loader(split, patch_num=cfg.test_patch_num, patch_size=cfg.patch_size,
                          batch_size=batch_size or cfg.batch_size, rank=accelerator.process_index,
                          world=accelerator.num_processes, workers=cfg.workers,
-                         random_crop=cfg.test_random_crop, seed=cfg.seed)
+                         random_crop=cfg.test_random_crop, seed=cfg.seed,
+                         pin_memory=accelerator.device.type == "cuda")
     keys, outs, labels = [], [], []
     loaded, dummy = iter(batches(loader)), None
     dtype = next(model.parameters()).dtype

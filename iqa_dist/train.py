@@ -137,7 +137,7 @@ class Trainer:
                                    patch_size=cfg.patch_size, batch_size=cfg.batch_size,
                                    seed=cfg.seed, rank=self.accelerator.process_index,
                                    world=world, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer,
-                                   steps=self.epoch_steps)
+                                   steps=self.epoch_steps, pin_memory=self.accelerator.device.type == "cuda")
         self.state = State()
         self.stop = StopFlag()
         self.stopping = False  # all ranks agreed to stop (at the next accumulation boundary)

@@ -77,3 +77,16 @@ def _counted(real, name: str, reads: list[str]):
             reads.append(name)
         return real(self, *args, **kwargs)
     return read
+
+
+@pytest.fixture
+def gpu_flags_off():
+    """TF32 and cuDNN autotuning off for the test (whoever set them before), restored after."""
+    switches = ((torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+                (torch.backends.cuda.matmul, "allow_tf32"))
+    saved = [getattr(flags, name) for flags, name in switches]
+    for flags, name in switches:
+        setattr(flags, name, False)
+    yield
+    for (flags, name), value in zip(switches, saved):
+        setattr(flags, name, value)

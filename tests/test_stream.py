@@ -147,6 +147,17 @@ def test_only_the_patches_travel_to_the_device_per_batch(monkeypatch):
     assert moved == [x.shape] * 3
 
 
+def test_loaders_pin_memory_as_the_caller_says(small_shards, monkeypatch):
+    """Page-locked batches only help copies to a GPU: the caller's device decides, not
+    whether the machine has one (a CPU run on a GPU machine would pin for nothing)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    split = load_split(small_shards, "train")
+    common = dict(patch_num=1, patch_size=32, batch_size=4, rank=0, world=1, workers=0)
+    assert not train_loader(split, seed=0, shuffle_buffer=4, **common).pin_memory
+    assert not eval_loader(split, **common).pin_memory
+    assert eval_loader(split, **common, pin_memory=True).pin_memory
+
+
 def test_training_on_device_normalised_input_matches_float_input_to_rounding():
     """A training step on uint8 patches normalised on the device gives the loss and the
     gradients of the same step on the float patches the loaders used to send."""

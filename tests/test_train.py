@@ -483,7 +483,7 @@ def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypa
 @pytest.mark.parametrize("asked, launcher, gpu, bf16, resolved", [
     ("auto", None, False, False, "no"),
     ("auto", None, True, True, "bf16"),
-    ("auto", None, True, False, "no"),  # pre-Ampere GPUs: fp32 unless fp16 is asked
+    ("auto", None, True, False, "no"),  # pre-Ampere GPUs (bf16 emulated only): fp32 unless fp16 is asked
     ("auto", "fp16", True, True, "fp16"),  # accelerate launch --mixed_precision wins
     ("auto", "no", True, True, "bf16"),  # what the launcher says when its config names none
     ("no", None, True, True, "no"),
@@ -493,5 +493,39 @@ def test_mixed_precision_auto(asked, launcher, gpu, bf16, resolved, monkeypatch)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     if launcher:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    # as torch answers: every CUDA GPU "supports" bf16 when emulation counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
     assert precision(Config(mixed_precision=asked), gpu=gpu) == resolved
+
+
+def test_every_accelerator_turns_on_tf32_and_cudnn_autotuning(gpu_flags_off):
+    """Training, evaluation and the benches all make their accelerator here; autotuning
+    only where determinism is not asked."""
+    from iqa_dist.runtime import make_accelerator
+    make_accelerator(Config())
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    make_accelerator(Config(deterministic=True))
+    assert not torch.backends.cudnn.benchmark
+
+
+def test_compile_with_deepspeed_is_refused_at_start(monkeypatch):
+    from iqa_dist.runtime import make_accelerator
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="^compile: aot_eager is not supported with DeepSpeed; use compile: none$"):
+        make_accelerator(Config(compile="aot_eager"))
+
+
+@pytest.mark.parametrize("size, broadcast", [("micro", False), ("mobilenet", True)])
+def test_ddp_broadcasts_buffers_only_for_batch_norm(size, broadcast):
+    """Swin's buffers are constants: no broadcast before each forward; batch norm's
+    running statistics change, so rank 0's are sent."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from iqa_dist.runtime import placed
+    from iqa_dist.tools import model_from_config
+
+    cfg = Config(model_size=size)
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+    placed(model_from_config(cfg), cfg, accelerator)
+    assert accelerator.ddp_handler.to_kwargs().get("broadcast_buffers", True) is broadcast

@@ -403,13 +403,15 @@ class TrainPatches(IterableDataset):
 
 def train_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, seed: int,
                  rank: int, world: int, workers: int, shuffle_buffer: int,
-                 steps: int | None = None) -> DataLoader:
+                 steps: int | None = None, pin_memory: bool = False) -> DataLoader:
     """One epoch of ``steps`` batches per iteration (default ``steps_per_epoch``);
-    call ``loader.dataset.set_epoch`` before each."""
+    call ``loader.dataset.set_epoch`` before each. ``pin_memory``: the batches go to a
+    GPU (page-locked memory lets them be copied without blocking); the caller knows its
+    device, which a GPU in the machine does not say (a CPU run may have one)."""
     dataset = TrainPatches(split, patch_num, patch_size, batch_size, seed, rank, world, shuffle_buffer, steps)
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=_own_generator(seed),
                       persistent_workers=False, prefetch_factor=2 if workers else None,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=pin_memory)
 
 
 def _own_generator(seed: int) -> torch.Generator:
@@ -491,8 +493,10 @@ class EvalPatches(IterableDataset):
 
 
 def eval_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, rank: int,
-                world: int, workers: int, random_crop: bool = False, seed: int = 0) -> DataLoader:
+                world: int, workers: int, random_crop: bool = False, seed: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """``pin_memory`` as for ``train_loader``."""
     dataset = EvalPatches(split, patch_num, patch_size, batch_size, rank, world, random_crop, seed)
     workers = min(workers, len(split))
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=_own_generator(seed),
-                      prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available())
+                      prefetch_factor=2 if workers else None, pin_memory=pin_memory)
