@@ -13,6 +13,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from torch import nn
 
 from .config import Config, ConfigError, for_world
+from .liveness import nccl_error_handling
 from .optim import build_optimizer
 
 
@@ -25,6 +26,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     no_gpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     fast_kernels(cfg.deterministic)  # every entry point makes an accelerator: train, evaluate, bench
+    if several and not no_gpu:
+        nccl_error_handling()  # before the process group exists: a lost rank must end with our message
     accelerator = Accelerator(cpu=no_gpu and not deepspeed, mixed_precision=precision(cfg, gpu=not no_gpu),
                               gradient_accumulation_steps=cfg.grad_accum,
                               kwargs_handlers=process_kwargs(cfg, gpu=not no_gpu) if several else [])
@@ -43,7 +46,7 @@ def process_kwargs(cfg: Config, gpu: bool) -> list:
     # On CPU, an explicit gloo backend: without it Accelerate leaves the process group
     # unset and DeepSpeed believes it is alone. cpu=True would switch DeepSpeed off.
     # The timeout bounds how long a collective waits for a rank that is gone (torch's
-    # default is 30 minutes); liveness.py then names the rank.
+    # default is 30 minutes); liveness.py names the rank, before it (at LOST_SHARE of it).
     timeout = timedelta(seconds=cfg.dist_timeout_s)
     # Gradients as views of DDP's buckets: one copy of the gradients less, in memory and
     # in time, every step. Whether buffers are broadcast is the model's business (placed).

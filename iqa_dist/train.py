@@ -9,8 +9,8 @@ split is evaluated once, with the best weights, at the end. ``--rounds N`` repea
 whole run on N seeded splits and reports the median. SIGUSR1/SIGTERM on any rank saves
 a checkpoint and exits with code 99 (see checkpoint.EXIT_PREEMPTED); ``--resume latest``
 continues as if never stopped. With several processes, a rank that dies (a lost node)
-makes the others exit within ``dist_timeout_s`` with code 3 and a message naming it
-(see liveness.py).
+makes the others exit within 0.6 x ``dist_timeout_s`` with code 3 and a message naming
+it (see liveness.py).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ class Trainer:
         self.liveness = None
         if world > 1:
             self.liveness = Liveness(self.run_dir, self.accelerator.process_index, world,
-                                     timeout_s=cfg.dist_timeout_s).start()
+                                     dist_timeout_s=cfg.dist_timeout_s).start()
 
     @property
     def main(self) -> bool:

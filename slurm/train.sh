@@ -71,7 +71,7 @@ TRAIN=(-m "${IQA_TRAIN_MODULE:-iqa_dist.train}" --config "$CONFIG" --run_dir "$R
 # One task per node; each evaluates its own $SLURM_NODEID (single quotes) as machine rank.
 # No --kill-on-bad-exit: when a node's ranks die, the survivors must live long enough to
 # say which rank was lost (iqa_dist/liveness.py); they exit by themselves (code 3) within
-# dist_timeout_s of the config, so the step still ends in bounded time.
+# 0.6 x dist_timeout_s of the config, so the step still ends in bounded time.
 iqa_run_preemptible "$RUN_DIR" \
     srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
     --cpus-per-task="$(iqa_step_cpus)" --kill-on-bad-exit=0 \
