@@ -508,6 +508,22 @@ def test_every_accelerator_turns_on_tf32_and_cudnn_autotuning(gpu_flags_off):
     assert not torch.backends.cudnn.benchmark
 
 
+def test_deterministic_sets_everything_a_gpu_needs_to_repeat_itself(gpu_flags_off, monkeypatch):
+    """cuBLAS's fixed workspace, cuDNN's deterministic algorithms without autotuning, and
+    strict deterministic algorithms: an op without one raises instead of warning."""
+    from iqa_dist.runtime import set_determinism
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    try:
+        set_determinism(Config(deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
 def test_compile_with_deepspeed_is_refused_at_start(monkeypatch):
     from iqa_dist.runtime import make_accelerator
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")

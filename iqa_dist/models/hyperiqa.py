@@ -33,6 +33,16 @@ def kaiming_init(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight)
 
 
+def pooled(f: torch.Tensor) -> torch.Tensor:
+    """``f`` average-pooled to POOL x POOL. When POOL divides its sides (every stage of a
+    224 patch) as a plain average pool, the same numbers: adaptive pooling's CUDA backward
+    has no deterministic implementation, so ``deterministic: true`` would refuse it."""
+    h, w = f.shape[-2:]
+    if h % POOL or w % POOL:
+        return F.adaptive_avg_pool2d(f, POOL)
+    return F.avg_pool2d(f, (h // POOL, w // POOL))
+
+
 class LDA(nn.Module):
     """Local distortion aware taps: four stage maps -> the target network's input vector."""
 
@@ -89,7 +99,7 @@ class Fusion(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         if not self.multiscale:
             return feats[-1]
-        maps = [F.adaptive_avg_pool2d(f, POOL) for f in feats]
+        maps = [pooled(f) for f in feats]
         if self.attention is not None:
             weights = self.attention(feats[-1])
             maps = [m * weights[:, i, None, None, None] for i, m in enumerate(maps)]
