@@ -81,9 +81,9 @@ class Config:
     deterministic: bool = False
     resume: str | None = None  # latest | path to a checkpoint directory
     max_steps_per_epoch: int = 0  # cap steps per epoch (0: a full pass); for quick runs
-    log_every: int = 10
+    log_every: int = 10  # steps between reads of the loss, when the ranks also agree on stopping
     dist_timeout_s: int = 600  # collectives give up after this long (torch's default: 30 min); a rank
-    #                            silent this long is declared lost and the others exit with code 3
+    #                            silent 0.6 x this long is declared lost; the others exit with code 3
     plots: bool = True
     max_bad_samples: int = 10  # unreadable images skipped per process before a run stops
     overwrite: bool = False  # start afresh in a run_dir an earlier run left, deleting all it holds

@@ -4,7 +4,7 @@ A multi-node run loses a node as a rank that stops answering. Without help the o
 wait in their next collective for torch's timeout (30 minutes by default) and then fail
 with a transport error that names an address, not a rank. Here:
 
-- the process group gets ``dist_timeout_s`` as its timeout (train.make_accelerator), so a
+- the process group gets ``dist_timeout_s`` as its timeout (runtime.make_accelerator), so a
   collective waiting for a dead peer fails within that bound;
 - every rank writes ``<run_dir>/liveness/rank-N.json`` (rank, host, pid, a counter) every
   ``interval`` seconds from a thread, so the others can tell who stopped;
@@ -13,7 +13,12 @@ with a transport error that names an address, not a rank. Here:
   EXIT_LOST_RANK (3) and that message; ``--resume latest`` continues from the last
   checkpoint;
 - a watchdog in the same thread ends this process (code 3, the same message) when a peer
-  has been silent for ``dist_timeout_s`` seconds, whatever this rank is blocked in.
+  has been silent for ``LOST_SHARE`` x ``dist_timeout_s`` seconds, whatever this rank is
+  blocked in: before the process group's own timeout, so that NCCL's watchdog, which acts
+  at ``dist_timeout_s``, cannot end the process first without naming anyone;
+- NCCL's error handling is told to abort the communicator and raise, not to end the process
+  (``nccl_error_handling``): a peer's closed connection, often seen before any timeout,
+  then reaches the trainer as an exception, which ``diagnose`` turns into the same message.
 
 Staleness is judged by whether a peer's counter changes, timed on the reader's own
 monotonic clock: the nodes' clocks need not agree. A rank that finishes (or stops for a
@@ -33,6 +38,24 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_LOST_RANK = 3
+# A silent peer is declared lost after this share of dist_timeout_s: clearly before the
+# process group gives up (at 1.0), with room for a heartbeat interval and a slow file system.
+LOST_SHARE = 0.6
+
+
+def nccl_error_handling() -> None:
+    """Set before the process group exists (ProcessGroupNCCL reads these when it is made).
+
+    - ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (abort the communicator only): on an error or a
+      timeout NCCL's watchdog aborts the communicator and the failure is raised in the
+      training thread. torch's default (3) and torchrun's (1, which ``accelerate launch``
+      passes to every rank) tear the process down at once, with a SIGABRT and no word of
+      which rank is gone: that would pre-empt our message and exit code 3, so this overrides
+      whatever the launcher set.
+    - ``TORCH_NCCL_BLOCKING_WAIT`` is left unset: a blocking ``wait()`` would make every
+      collective, DDP's gradient all-reduce included, a host sync.
+    """
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
 
 
 @dataclass
@@ -45,10 +68,11 @@ class Peer:
 
 
 class Liveness:
-    def __init__(self, run_dir: str | Path, rank: int, world: int, timeout_s: float,
+    def __init__(self, run_dir: str | Path, rank: int, world: int, dist_timeout_s: float,
                  interval: float = 1.0, before_exit: Callable[[], None] | None = None) -> None:
         self.dir = Path(run_dir) / "liveness"
-        self.rank, self.world, self.timeout_s, self.interval = rank, world, float(timeout_s), interval
+        self.rank, self.world, self.interval = rank, world, interval
+        self.deadline_s = LOST_SHARE * float(dist_timeout_s)
         self.host = socket.gethostname()
         self.count = 0
         now = time.monotonic()
@@ -89,17 +113,21 @@ class Liveness:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self._write()
-            except OSError:
-                pass  # a full or flaky file system must not kill training; the others may time out
-            lost = self.refresh(stale_s=self.timeout_s)
+            lost = self.beat()
             if lost:
-                print(f"error: {self.message(lost)}; giving up after {self.timeout_s:.0f} s "
-                      f"(dist_timeout_s)", file=sys.stderr, flush=True)
+                print(f"error: {self.message(lost)}; giving up after {self.deadline_s:.0f} s "
+                      f"({LOST_SHARE} x dist_timeout_s)", file=sys.stderr, flush=True)
                 if self.before_exit:
                     self.before_exit()
                 os._exit(EXIT_LOST_RANK)
+
+    def beat(self) -> list[Peer]:
+        """One heartbeat of this rank; the peers silent for longer than the deadline."""
+        try:
+            self._write()
+        except OSError:
+            pass  # a full or flaky file system must not kill training; the others may time out
+        return self.refresh(stale_s=self.deadline_s)
 
     # ------------------------------------------------------------ the others
 

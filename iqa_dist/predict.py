@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .config import ConfigError
 from .data.stream import eval_crops, to_model_input
 from .images import BadImage, max_pixels, read_rgb
+from .runtime import fast_kernels
 from .tools import check_out, default_device, label_scale, load_trained, markdown_table
 
 EXIT_SKIPPED = 1  # some inputs were skipped; the others were scored
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    fast_kernels(trained.cfg.deterministic)
     paths, skipped = expand_inputs(args.inputs)
     total = len(paths) + len(skipped)
     for s in skipped:

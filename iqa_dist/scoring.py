@@ -68,8 +68,9 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
     loader = eval_loader(split, patch_num=cfg.test_patch_num, patch_size=cfg.patch_size,
                          batch_size=batch_size or cfg.batch_size, rank=accelerator.process_index,
                          world=accelerator.num_processes, workers=cfg.workers,
-                         random_crop=cfg.test_random_crop, seed=cfg.seed)
-    keys, preds, labels = [], [], []
+                         random_crop=cfg.test_random_crop, seed=cfg.seed,
+                         pin_memory=accelerator.device.type == "cuda")
+    keys, outs, labels = [], [], []
     loaded, dummy = iter(batches(loader)), None
     dtype = next(model.parameters()).dtype
     while True:
@@ -81,15 +82,16 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
         if images is None:  # this rank has no image at all: borrow a blank one
             images = torch.zeros(1, cfg.patch_size, cfg.patch_size, 3, dtype=torch.uint8)
         with accelerator.autocast():
-            out = model(to_model_input(images, accelerator.device, dtype)).float().cpu()
-        if batch is not None:
+            out = model(to_model_input(images, accelerator.device, dtype)).float()
+        if batch is not None:  # predictions stay on the device: one copy to the host below, not a wait per batch
             keys += batch[2]
-            preds += out.tolist()
-            labels += batch[1].tolist()
+            outs.append(out)
+            labels.append(batch[1])
     model.train(was_training)
     if not keys:
         return []
-    per_image = aggregate_by_key(keys, preds, labels)
+    preds = torch.cat(outs).cpu().tolist()
+    per_image = aggregate_by_key(keys, preds, torch.cat(labels).tolist())
     return list(zip(per_image.keys.tolist(), per_image.preds.tolist(), per_image.labels.tolist()))
 
 

@@ -9,8 +9,8 @@ split is evaluated once, with the best weights, at the end. ``--rounds N`` repea
 whole run on N seeded splits and reports the median. SIGUSR1/SIGTERM on any rank saves
 a checkpoint and exits with code 99 (see checkpoint.EXIT_PREEMPTED); ``--resume latest``
 continues as if never stopped. With several processes, a rank that dies (a lost node)
-makes the others exit within ``dist_timeout_s`` with code 3 and a message naming it
-(see liveness.py).
+makes the others exit within 0.6 x ``dist_timeout_s`` with code 3 and a message naming
+it (see liveness.py).
 """
 from __future__ import annotations
 
@@ -91,8 +91,8 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM (a scheduler) or SIGINT (Ctrl-C); all ranks agree on it at the
-    next step, save a checkpoint and stop. A second Ctrl-C aborts at once, without one."""
+    """Set by SIGUSR1/SIGTERM (a scheduler) or SIGINT (Ctrl-C); all ranks agree on it within
+    ``log_every`` steps, save a checkpoint and stop. A second Ctrl-C aborts at once, without one."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
@@ -171,15 +171,16 @@ class Trainer:
                                    patch_size=cfg.patch_size, batch_size=cfg.batch_size,
                                    seed=cfg.seed, rank=self.accelerator.process_index,
                                    world=world, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer,
-                                   steps=self.epoch_steps)
+                                   steps=self.epoch_steps, pin_memory=self.accelerator.device.type == "cuda")
         self.state = State()
         self.stop = StopFlag()
+        self.stopping = False  # all ranks agreed to stop (at the next accumulation boundary)
         self.writer = None
         self.lock = self.claim_run_dir() if lock else None
         self.liveness = None
         if world > 1:
             self.liveness = Liveness(self.run_dir, self.accelerator.process_index, world,
-                                     timeout_s=cfg.dist_timeout_s,
+                                     dist_timeout_s=cfg.dist_timeout_s,
                                      before_exit=self.lock.release if self.lock else None).start()
 
     @property
@@ -318,14 +319,7 @@ class Trainer:
 
     # -------------------------------------------------- steps and epochs
 
-    def agree(self, *flags: bool) -> list[bool]:
-        """OR of each flag over all ranks (one small all-reduce)."""
-        t = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            t = self.accelerator.reduce(t, "max")
-        return [bool(v) for v in t.tolist()]
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         acc, cfg = self.accelerator, self.cfg
         dtype = next(self.model.parameters()).dtype  # DeepSpeed bf16 casts the model, not inputs
         images = to_model_input(images, acc.device, dtype, channels_last=self.channels_last)
@@ -341,7 +335,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients:
             self.scheduler.step()
-        return loss.item()
+        return loss.detach()  # read by the loop every log_every steps: .item() here would wait for the GPU
 
     def train_epoch(self) -> float:
         st = self.state
@@ -355,40 +349,64 @@ class Trainer:
         return st.loss_sum / max(1, st.step_in_epoch)
 
     def run_steps(self, bar: tqdm) -> None:
-        st, cfg = self.state, self.cfg
+        st = self.state
         epoch = islice(batches(self.loader), st.step_in_epoch, self.steps)  # replays a resumed epoch
-        recent, start, seen = [], time.time(), 0
+        # The losses stay on the device and are read once per window (check_window): a read
+        # per step would make the host wait for the GPU every step, leaving it idle while
+        # the next batch is prepared.
+        window, start, seen = torch.zeros((), device=self.accelerator.device), time.time(), 0
+        first = st.step_in_epoch
         for images, labels, _, bad in epoch:
             self.count_bad(bad)
-            loss = self.train_step(images, labels)
+            window += self.train_step(images, labels)
             st.step_in_epoch += 1
             st.global_step += 1
-            st.loss_sum += loss
-            recent = (recent + [loss])[-cfg.log_every:]
             seen += len(labels) * self.accelerator.num_processes
-            self.after_step(loss)
             bar.update(1)
-            if st.step_in_epoch % cfg.log_every == 0 or st.step_in_epoch == self.steps:
-                bar.set_postfix(loss=f"{np.mean(recent):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+            if self.window_ends():
+                loss = self.check_window(window, first)
+                bar.set_postfix(loss=f"{loss / (st.step_in_epoch - first):.3f}",
+                                lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                 samples_s=f"{seen / (time.time() - start):.0f}")
+                window.zero_()
+                first = st.step_in_epoch
 
-    def after_step(self, loss: float) -> None:
-        """All ranks agree on stopping: a diverged loss, too many bad samples, a stop request."""
+    def window_ends(self) -> bool:
+        """Every ``log_every`` steps; at the epoch's end, so that a diverged loss is caught
+        before its checkpoint; and at the accumulation boundary where an agreed stop lands."""
         st, cfg = self.state, self.cfg
-        too_bad = st.bad_samples > cfg.max_bad_samples
-        stop, diverged, too_bad = self.agree(self.stop.raised, not math.isfinite(loss), too_bad)
+        return (st.step_in_epoch % cfg.log_every == 0 or st.step_in_epoch == self.steps
+                or (self.stopping and st.step_in_epoch % cfg.grad_accum == 0))
+
+    def check_window(self, window: torch.Tensor, first: int) -> float:
+        """All ranks agree on stopping (a diverged loss, too many bad samples, a stop
+        request) in one small all-reduce, and this rank's window loss is read with it: one
+        host sync per window. Returns the loss summed over the window."""
+        st, cfg, acc = self.state, self.cfg, self.accelerator
+        flags = torch.tensor([float(self.stop.raised), float(st.bad_samples > cfg.max_bad_samples)],
+                             device=acc.device)
+        flags = torch.cat([flags, (~torch.isfinite(window)).float().view(1)])
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, "max")
+        stop, too_bad, diverged, loss = torch.cat([flags, window.view(1)]).tolist()
+        st.loss_sum += loss
         if diverged:
-            raise Diverged(f"loss is {loss} at epoch {st.epoch + 1}, step {st.step_in_epoch}: "
+            where = f"{loss}" if not math.isfinite(loss) else "not finite on another rank"
+            raise Diverged(f"loss is {where} at epoch {st.epoch + 1}, steps {first + 1}-{st.step_in_epoch}: "
                            f"stopped; {self.last_good()}")
         if too_bad:
             raise ShardError(f"more than max_bad_samples ({cfg.max_bad_samples}) unreadable samples on a "
                              f"process (here {st.bad_samples}, named in the warnings above): stopped; "
                              "repack the set, or raise max_bad_samples")
-        if stop and st.step_in_epoch % cfg.grad_accum == 0:  # mid-cycle gradients would be lost
+        # A stop is heard within log_every steps, and saved on an accumulation boundary
+        # (mid-cycle gradients would be lost): every rank reaches it at the same step.
+        self.stopping = self.stopping or bool(stop)
+        if self.stopping and st.step_in_epoch % cfg.grad_accum == 0:
             self.log(f"stop requested: saving at step {st.global_step}")
             path = self.save()
-            ckpt.mark_preempted(self.run_dir, self.accelerator.process_index, path)
+            ckpt.mark_preempted(self.run_dir, acc.process_index, path)
             raise Preempted(self.stop.signum)
+        return loss
 
     def count_bad(self, problems: list[str]) -> None:
         """Bad samples the loader skipped (their patches were cut from other images)."""

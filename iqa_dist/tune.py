@@ -349,6 +349,23 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
             shutil.rmtree(temp, ignore_errors=True)
 
 
+def fit_to_gpus(sweep: Sweep, gpus: float) -> Sweep:
+    """The sweep with no more concurrent trials than the cluster's ``gpus`` hold. Trials
+    that ask for GPUs a cluster does not have wait for them forever, without a word:
+    refused here instead; and more concurrent trials than fit only queue up."""
+    if sweep.gpu <= 0:
+        return sweep
+    fit = int(gpus // sweep.gpu)
+    if fit == 0:
+        raise ConfigError(f"resources_per_trial.gpu {sweep.gpu:g}: the Ray cluster has {gpus:g} GPU(s); "
+                          "give the job GPUs (--gres=gpu:N, GPUS_PER_NODE) or ask gpu: 0")
+    if sweep.max_concurrent is None or sweep.max_concurrent > fit:
+        print(f"max_concurrent {sweep.max_concurrent or 'unset'} -> {fit}: {gpus:g} GPU(s) hold {fit} "
+              f"trial(s) of {sweep.gpu:g} GPU at once", file=sys.stderr, flush=True)
+        return replace(sweep, max_concurrent=fit)
+    return sweep
+
+
 def local_cpus(sweep: Sweep) -> int:
     """A local Ray's size: the concurrent trials' CPUs, else the machine."""
     if sweep.max_concurrent:
@@ -535,6 +552,7 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
     if resume and not tune.Tuner.can_restore(str(sweep.experiment_dir)):
         raise ConfigError(f"{sweep.experiment_dir}: no sweep to resume there (check storage_path and name)")
     with ray_cluster(address, local_cpus(sweep)):
+        sweep = fit_to_gpus(sweep, ray.cluster_resources().get("GPU", 0.0))
         grid = make_tuner(sweep, resume, callbacks).fit()
         return write_outputs(grid, sweep)
 

@@ -42,6 +42,40 @@ iqa_port() { echo "${IQA_PORT:-$((20000 + 100 * (SLURM_JOB_ID % 100)))}"; }
 # for salloc or sbatch is not automatically inherited by srun" (srun(1), Slurm 22.05).
 iqa_step_cpus() { echo "${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"; }
 
+# ------------------------------------------------------------------ sizing
+# iqa_gpus_per_node: the GPUs this job has on a node, from the first source that answers:
+# GPUS_PER_NODE (the user's word), SLURM_GPUS_ON_NODE (--gres=gpu:N), SLURM_GPUS_PER_NODE
+# (--gpus-per-node=[type:]N), SLURM_JOB_GPUS (the allocated indices), CUDA_VISIBLE_DEVICES
+# (when set; empty means none), nvidia-smi (every GPU the job's cgroup lets it see).
+# Prints nothing when none answers: the caller decides whether that is an error, instead
+# of falling back to a number that silently under- or over-uses the node.
+iqa_gpus_per_node() {
+    local n
+    if [[ -n ${GPUS_PER_NODE:-} ]]; then n=$GPUS_PER_NODE
+    elif [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then n=$SLURM_GPUS_ON_NODE
+    elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then n=${SLURM_GPUS_PER_NODE##*:}
+    elif [[ -n ${SLURM_JOB_GPUS:-} ]]; then n=$(_iqa_count_list "$SLURM_JOB_GPUS")
+    elif [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then n=$(_iqa_count_list "$CUDA_VISIBLE_DEVICES")
+    elif command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    else return 0
+    fi
+    [[ $n =~ ^[0-9]+$ ]] || iqa_die "GPUs per node: '$n' is not a number (set GPUS_PER_NODE)"
+    echo "$n"
+}
+
+_iqa_count_list() { local IFS=,; local -a items; read -r -a items <<<"$1"; echo "${#items[@]}"; }
+
+# iqa_check_cpus RANKS WORKERS: warn (one line) when the CPUs of this job's task on a node
+# cannot feed RANKS ranks that each run a main process and WORKERS loader processes.
+iqa_check_cpus() {
+    local have need=$(($1 * (1 + $2)))
+    have=$(iqa_step_cpus)
+    if ((have < need)); then
+        iqa_log "warning: $have CPU(s) per node for $1 rank(s) x (1 + $2 loader workers) = $need: the loaders will" \
+            "starve the GPUs; submit with --cpus-per-task=$need or lower workers"
+    fi
+}
+
 # iqa_wait PID: wait for a background process even when a trap interrupts `wait` (a
 # trap that should not end the wait sets _IQA_TRAPPED=1); its exit code lands in IQA_RC.
 # Bash keeps a finished child's status, so waiting again after a trap is safe.

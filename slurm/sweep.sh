@@ -12,7 +12,12 @@
 # Environment (all optional):
 #   IQA_SWEEP_CONFIG  sweep YAML (default configs/sweep.yaml)
 #   IQA_ARGS          extra arguments of iqa_dist.tune, split on blanks (e.g. "--resume")
-#   GPUS_PER_NODE     GPUs Ray may use on each node (default $SLURM_GPUS_ON_NODE, else 0)
+#   GPUS_PER_NODE     GPUs Ray may use on each node (default: the job's GPUs per node, from
+#                     Slurm's variables, CUDA_VISIBLE_DEVICES or nvidia-smi; 0, said in the
+#                     log, when none is allocated or visible). The sweep runs at most
+#                     nodes x GPUS_PER_NODE / resources_per_trial.gpu trials at once
+#                     (iqa_dist.tune lowers max_concurrent to that, and refuses a sweep
+#                     whose trials need GPUs the cluster does not have).
 #   IQA_RAY_TMP       Ray's temp dir on every node; keep it short, Ray's unix socket paths
 #                     under it must fit in 107 bytes (default /tmp/ray-$SLURM_JOB_ID). Removed
 #                     on success, kept (for its logs) when the sweep failed.
@@ -41,7 +46,11 @@ source slurm/common.sh
 iqa_setup
 
 SWEEP_CONFIG=${IQA_SWEEP_CONFIG:-configs/sweep.yaml}
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+GPUS_PER_NODE=$(iqa_gpus_per_node)
+if [[ -z $GPUS_PER_NODE ]]; then
+    iqa_log "no GPU allocated or visible on this node: Ray gets 0 GPUs (set GPUS_PER_NODE if that is wrong)"
+    GPUS_PER_NODE=0
+fi
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 RAY_TMP=${IQA_RAY_TMP:-/tmp/ray-$SLURM_JOB_ID}
 TIMEOUT=${RAY_START_TIMEOUT:-180}

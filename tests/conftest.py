@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from iqa_dist.pack import PackOptions, pack
@@ -51,3 +54,39 @@ def demo_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
     assert pack_main(["--dataset", "demo", "--out", str(out), "--shard_size", "100", "--workers", "2"]) == 0
     return out
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """``with host_reads() as reads:`` lists the host reads of tensors (``.item()``,
+    ``.tolist()``, ``.cpu()``, ``float()``, ``bool()``) made by iqa_dist's own code; on a
+    GPU each one waits for all the work queued before it."""
+    @contextmanager
+    def counting():
+        reads: list[str] = []
+        with monkeypatch.context() as patched:
+            for name in ("item", "tolist", "cpu", "__float__", "__bool__"):
+                patched.setattr(torch.Tensor, name, _counted(getattr(torch.Tensor, name), name, reads))
+            yield reads
+    return counting
+
+
+def _counted(real, name: str, reads: list[str]):
+    def read(self, *args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("iqa_dist"):
+            reads.append(name)
+        return real(self, *args, **kwargs)
+    return read
+
+
+@pytest.fixture
+def gpu_flags_off():
+    """TF32 and cuDNN autotuning off for the test (whoever set them before), restored after."""
+    switches = ((torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+                (torch.backends.cuda.matmul, "allow_tf32"))
+    saved = [getattr(flags, name) for flags, name in switches]
+    for flags, name in switches:
+        setattr(flags, name, False)
+    yield
+    for (flags, name), value in zip(switches, saved):
+        setattr(flags, name, value)

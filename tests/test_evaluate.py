@@ -112,3 +112,25 @@ def test_a_broken_set_is_one_line_and_the_finished_sets_are_written(trained_run,
     assert f"error: broken: {shard}: unreadable, truncated or corrupted" in err
     assert set(results(out)) == {"shards"}  # the set after the broken one was still evaluated and written
     assert "not evaluated: broken:" in (out / "results.md").read_text()
+
+
+def test_scoring_reads_the_device_once_per_split(small_shards, host_reads):
+    """Predictions stay on the device until the split is scored: as many host reads with
+    twelve batches as with three, and the same scores."""
+    from accelerate import Accelerator
+
+    from iqa_dist.config import Config
+    from iqa_dist.data.stream import load_split
+    from iqa_dist.models import create_model
+    from iqa_dist.scoring import local_predictions
+
+    model = create_model("micro", dropout_rate=0.0, drop_path_rate=0.0)
+    cfg, split = Config(model_size="micro", test_patch_num=2, workers=0), load_split(small_shards, "train")
+    scored, reads = [], []
+    for batch_size in (2, 8):
+        with host_reads() as seen:
+            scored.append(local_predictions(model, split, cfg, Accelerator(cpu=True), batch_size))
+        reads.append(seen)
+    assert len(split) == 12 and reads[0] == reads[1]
+    (keys, preds, labels), (keys_8, preds_8, labels_8) = (zip(*s) for s in scored)
+    assert keys == keys_8 and labels == labels_8 and preds == pytest.approx(preds_8, abs=1e-5)

@@ -245,3 +245,20 @@ def test_missing_weights_file_is_named(tmp_path) -> None:
     path = tmp_path / "absent.safetensors"
     with pytest.raises(FileNotFoundError, match="absent.safetensors"):
         create_model("micro", pretrained_path=path)
+
+
+def test_hyper_network_pooling_avoids_adaptive_pooling_at_224(monkeypatch):
+    """Adaptive average pooling has no deterministic CUDA backward (``deterministic: true``
+    refuses it): the stage maps of a 224 patch (56, 28, 14, 7) are pooled by a plain
+    average pool, which gives the same numbers."""
+    from torch.nn import functional as F
+
+    from iqa_dist.models.hyperiqa import POOL, pooled
+
+    maps = [torch.randn(2, 3, side, side) for side in (56, 28, 14, 7)]
+    expected = [F.adaptive_avg_pool2d(f, POOL) for f in maps]
+    monkeypatch.setattr(F, "adaptive_avg_pool2d", None)  # calling it would fail
+    for f, want in zip(maps, expected):
+        assert torch.allclose(pooled(f), want, atol=1e-6)
+    model = create_model("micro", dropout_rate=0.0, drop_path_rate=0.0)
+    model(torch.randn(1, 3, 224, 224)).sum().backward()

@@ -124,3 +124,12 @@ def test_missing_checkpoint_is_one_line(folder, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "norun"), str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "norun" in err
+
+
+def test_predict_turns_on_the_fast_gpu_kernels(trained_run, folder, gpu_flags_off):
+    """TF32 and cuDNN autotuning in every entry point that runs a model, not only training."""
+    from iqa_dist.predict import main
+
+    assert main(["--checkpoint", str(trained_run), str(folder / "good.png"), "--device", "cpu",
+                 "--workers", "0", "--quiet"]) == 0
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32

@@ -130,6 +130,34 @@ def test_loaders_yield_uint8_and_the_device_side_normalises(small_shards):
     assert last.dtype == torch.bfloat16 and last.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_only_the_patches_travel_to_the_device_per_batch(monkeypatch):
+    """The normalisation constants are moved to a device once: each ``.to`` is a blocking
+    host-to-device copy on a GPU, so a batch may pay for its patches only."""
+    real_to, moved = torch.Tensor.to, []
+
+    def to(self, *args, **kwargs):
+        moved.append(self.shape)
+        return real_to(self, *args, **kwargs)
+
+    x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    to_model_input(x, "cpu")  # the first batch on a device may place the constants
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    for _ in range(3):
+        to_model_input(x, "cpu")
+    assert moved == [x.shape] * 3
+
+
+def test_loaders_pin_memory_as_the_caller_says(small_shards, monkeypatch):
+    """Page-locked batches only help copies to a GPU: the caller's device decides, not
+    whether the machine has one (a CPU run on a GPU machine would pin for nothing)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    split = load_split(small_shards, "train")
+    common = dict(patch_num=1, patch_size=32, batch_size=4, rank=0, world=1, workers=0)
+    assert not train_loader(split, seed=0, shuffle_buffer=4, **common).pin_memory
+    assert not eval_loader(split, **common).pin_memory
+    assert eval_loader(split, **common, pin_memory=True).pin_memory
+
+
 def test_training_on_device_normalised_input_matches_float_input_to_rounding():
     """A training step on uint8 patches normalised on the device gives the loss and the
     gradients of the same step on the float patches the loaders used to send."""

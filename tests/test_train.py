@@ -173,10 +173,14 @@ def machinery_config(shards: Path, run_dir: Path, **overrides) -> Config:
     return from_dict(dict(MACHINERY, dataset=str(shards), run_dir=str(run_dir), **overrides))
 
 
-def test_stop_request_between_accumulation_steps_waits_for_the_cycle(small_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every, saved_at", [(1, 2), (3, 4)])
+def test_stop_request_between_accumulation_steps_waits_for_the_cycle(small_shards, tmp_path, monkeypatch,
+                                                                     log_every, saved_at):
     """Saving mid-cycle would lose the accumulated gradients: the stop waits for the
-    optimiser step, and the resumed run ends where an uninterrupted one does."""
-    cycles = dict(grad_accum=2, epochs=2, max_steps_per_epoch=4)
+    optimiser step, and the resumed run ends where an uninterrupted one does. Ranks hear
+    of it at the end of a log window (step 3 of 4 with log_every 3), mid-cycle: the save
+    waits for the cycle's end, here the epoch's last step, before its validation."""
+    cycles = dict(grad_accum=2, epochs=2, max_steps_per_epoch=4, log_every=log_every)
     train(machinery_config(small_shards, tmp_path / "whole", **cycles))
     real_step = Trainer.train_step
 
@@ -193,9 +197,24 @@ def test_stop_request_between_accumulation_steps_waits_for_the_cycle(small_shard
         train(cfg)
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # pytest's own, given back
     state = json.loads((tmp_path / "stopped" / "checkpoints" / "last" / "trainer.json").read_text())
-    assert (state["global_step"], state["step_in_epoch"]) == (2, 2)
+    assert (state["global_step"], state["step_in_epoch"]) == (saved_at, saved_at)
     train(replace(cfg, resume="latest"))
     assert_identical(final_weights(tmp_path / "stopped"), final_weights(tmp_path / "whole"))
+
+
+def test_the_loop_reads_the_device_once_per_log_window(small_shards, tmp_path, monkeypatch, host_reads):
+    """The loop reads the device once per log_every steps (the loss and the ranks'
+    agreement together), not every step: each read makes the host wait for the GPU."""
+    real_steps, reads = Trainer.run_steps, []
+
+    def run_steps(self, bar):
+        with host_reads() as seen:
+            real_steps(self, bar)
+        reads.extend(seen)
+
+    monkeypatch.setattr(Trainer, "run_steps", run_steps)
+    train(machinery_config(small_shards, tmp_path / "run", epochs=1, max_steps_per_epoch=6, log_every=3))
+    assert reads == ["tolist", "tolist"]
 
 
 def test_validation_srcc_nan_every_epoch_still_keeps_best_weights(small_shards, tmp_path, monkeypatch, capsys):
@@ -217,8 +236,9 @@ def test_rounds_report_median_and_spread(small_shards, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(small_shards, tmp_path):
+    # one log window longer than the epoch: the check at the epoch's end still comes first
     out = run(train_cmd(machinery_args(small_shards, tmp_path / "run", "--lr", "1e30", "--epochs", "2",
-                                       "--max_steps_per_epoch", "20", "--grad_clip", "0")))
+                                       "--max_steps_per_epoch", "20", "--grad_clip", "0", "--log_every", "50")))
     assert out.returncode == 1
     assert "loss is nan" in out.stderr or "loss is inf" in out.stderr
     assert "Traceback" not in out.stderr
@@ -457,7 +477,7 @@ def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypa
 
     def record(self, images, labels):
         loss = real_step(self, images, labels)
-        losses.setdefault(self.cfg.compile, []).append(loss)
+        losses.setdefault(self.cfg.compile, []).append(loss.item())
         return loss
 
     monkeypatch.setattr(Trainer, "train_step", record)
@@ -470,7 +490,7 @@ def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypa
 @pytest.mark.parametrize("asked, launcher, gpu, bf16, resolved", [
     ("auto", None, False, False, "no"),
     ("auto", None, True, True, "bf16"),
-    ("auto", None, True, False, "no"),  # pre-Ampere GPUs: fp32 unless fp16 is asked
+    ("auto", None, True, False, "no"),  # pre-Ampere GPUs (bf16 emulated only): fp32 unless fp16 is asked
     ("auto", "fp16", True, True, "fp16"),  # accelerate launch --mixed_precision wins
     ("auto", "no", True, True, "bf16"),  # what the launcher says when its config names none
     ("no", None, True, True, "no"),
@@ -480,5 +500,55 @@ def test_mixed_precision_auto(asked, launcher, gpu, bf16, resolved, monkeypatch)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     if launcher:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    # as torch answers: every CUDA GPU "supports" bf16 when emulation counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
     assert precision(Config(mixed_precision=asked), gpu=gpu) == resolved
+
+
+def test_every_accelerator_turns_on_tf32_and_cudnn_autotuning(gpu_flags_off):
+    """Training, evaluation and the benches all make their accelerator here; autotuning
+    only where determinism is not asked."""
+    from iqa_dist.runtime import make_accelerator
+    make_accelerator(Config())
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    make_accelerator(Config(deterministic=True))
+    assert not torch.backends.cudnn.benchmark
+
+
+def test_deterministic_sets_everything_a_gpu_needs_to_repeat_itself(gpu_flags_off, monkeypatch):
+    """cuBLAS's fixed workspace, cuDNN's deterministic algorithms without autotuning, and
+    strict deterministic algorithms: an op without one raises instead of warning."""
+    from iqa_dist.runtime import set_determinism
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    try:
+        set_determinism(Config(deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_compile_with_deepspeed_is_refused_at_start(monkeypatch):
+    from iqa_dist.runtime import make_accelerator
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="^compile: aot_eager is not supported with DeepSpeed; use compile: none$"):
+        make_accelerator(Config(compile="aot_eager"))
+
+
+@pytest.mark.parametrize("size, broadcast", [("micro", False), ("mobilenet", True)])
+def test_ddp_broadcasts_buffers_only_for_batch_norm(size, broadcast):
+    """Swin's buffers are constants: no broadcast before each forward; batch norm's
+    running statistics change, so rank 0's are sent."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from iqa_dist.runtime import placed
+    from iqa_dist.tools import model_from_config
+
+    cfg = Config(model_size=size)
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+    placed(model_from_config(cfg), cfg, accelerator)
+    assert accelerator.ddp_handler.to_kwargs().get("broadcast_buffers", True) is broadcast

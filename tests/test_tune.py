@@ -163,3 +163,22 @@ def test_grid_search_enumerates_every_axis(small_shards, tmp_path):
     assert lr == {"grid_search": pytest.approx([1e-5, 1e-4, 1e-3])}
     assert tune.domain(sweep.space["ranking_loss_alpha"], grid=True) == {"grid_search": [0.0, 1.0]}
     assert Path(sweep.base.dataset).is_absolute()
+
+
+@pytest.mark.parametrize("gpu, asked, gpus, runs", [
+    (1, 4, 2.0, 2),  # more concurrent trials than GPUs: lowered
+    (0.5, None, 2.0, 4),  # unset: as many as fit
+    (1, 1, 2.0, 1),  # fewer: kept
+    (0, 3, 0.0, 3),  # CPU trials: the GPUs do not count
+])
+def test_concurrency_matches_the_gpus_the_sweep_was_given(small_shards, tmp_path, gpu, asked, gpus, runs):
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, max_concurrent=asked,
+                                        resources_per_trial={"cpu": 1, "gpu": gpu}))
+    assert tune.fit_to_gpus(sweep, gpus).max_concurrent == runs
+
+
+def test_trials_needing_gpus_on_a_cluster_without_are_refused(small_shards, tmp_path):
+    """Ray would keep them pending for ever, saying nothing."""
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": 1, "gpu": 1}))
+    with pytest.raises(ConfigError, match=r"^resources_per_trial.gpu 1: the Ray cluster has 0 GPU\(s\)"):
+        tune.fit_to_gpus(sweep, 0.0)

@@ -40,7 +40,7 @@ import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from itertools import count
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
@@ -245,8 +245,12 @@ def train_crops(arr: np.ndarray, n: int, p: int, rng: np.random.Generator) -> li
             for y, x, flip in zip(ys, xs, flips)]
 
 
-_SCALE = torch.from_numpy(1 / STD).view(1, 3, 1, 1)
-_SHIFT = torch.from_numpy(-MEAN / STD).view(1, 3, 1, 1)
+@cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) on ``device``, copied there once: moving them with every batch cost
+    two blocking host-to-device copies per step on a GPU."""
+    return (torch.from_numpy(1 / STD).view(1, 3, 1, 1).to(device),
+            torch.from_numpy(-MEAN / STD).view(1, 3, 1, 1).to(device))
 
 
 def to_model_input(patches: torch.Tensor | np.ndarray, device: torch.device | str,
@@ -262,7 +266,8 @@ def to_model_input(patches: torch.Tensor | np.ndarray, device: torch.device | st
     # one uint8 -> float copy straight into NCHW, then in place: 4x faster on a CPU than
     # float arithmetic in NHWC followed by a transposing copy
     out = torch.empty(x.permute(0, 3, 1, 2).shape, dtype=torch.float32, device=x.device, memory_format=fmt)
-    out.copy_(x.permute(0, 3, 1, 2)).mul_(_SCALE.to(x.device)).add_(_SHIFT.to(x.device))
+    scale, shift = _normalisation(x.device)
+    out.copy_(x.permute(0, 3, 1, 2)).mul_(scale).add_(shift)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -398,13 +403,15 @@ class TrainPatches(IterableDataset):
 
 def train_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, seed: int,
                  rank: int, world: int, workers: int, shuffle_buffer: int,
-                 steps: int | None = None) -> DataLoader:
+                 steps: int | None = None, pin_memory: bool = False) -> DataLoader:
     """One epoch of ``steps`` batches per iteration (default ``steps_per_epoch``);
-    call ``loader.dataset.set_epoch`` before each."""
+    call ``loader.dataset.set_epoch`` before each. ``pin_memory``: the batches go to a
+    GPU (page-locked memory lets them be copied without blocking); the caller knows its
+    device, which a GPU in the machine does not say (a CPU run may have one)."""
     dataset = TrainPatches(split, patch_num, patch_size, batch_size, seed, rank, world, shuffle_buffer, steps)
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=_own_generator(seed),
                       persistent_workers=False, prefetch_factor=2 if workers else None,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=pin_memory)
 
 
 def _own_generator(seed: int) -> torch.Generator:
@@ -486,8 +493,10 @@ class EvalPatches(IterableDataset):
 
 
 def eval_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, rank: int,
-                world: int, workers: int, random_crop: bool = False, seed: int = 0) -> DataLoader:
+                world: int, workers: int, random_crop: bool = False, seed: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """``pin_memory`` as for ``train_loader``."""
     dataset = EvalPatches(split, patch_num, patch_size, batch_size, rank, world, random_crop, seed)
     workers = min(workers, len(split))
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=_own_generator(seed),
-                      prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available())
+                      prefetch_factor=2 if workers else None, pin_memory=pin_memory)

@@ -54,6 +54,16 @@ def _fp32_layer(layer: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
+def pooled(f: torch.Tensor) -> torch.Tensor:
+    """``f`` average-pooled to POOL x POOL. When POOL divides its sides (every stage of a
+    224 patch) as a plain average pool, the same numbers: adaptive pooling's CUDA backward
+    has no deterministic implementation, so ``deterministic: true`` would refuse it."""
+    h, w = f.shape[-2:]
+    if h % POOL or w % POOL:
+        return F.adaptive_avg_pool2d(f, POOL)
+    return F.avg_pool2d(f, (h // POOL, w // POOL))
+
+
 class LDA(nn.Module):
     """Local distortion aware taps: four stage maps -> the target network's input vector."""
 
@@ -107,7 +117,7 @@ class Fusion(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         if not self.multiscale:
             return feats[-1]
-        maps = [F.adaptive_avg_pool2d(f, POOL) for f in feats]
+        maps = [pooled(f) for f in feats]
         if self.attention is not None:
             weights = self.attention(feats[-1])
             maps = [m * weights[:, i, None, None, None] for i, m in enumerate(maps)]
