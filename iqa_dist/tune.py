@@ -53,6 +53,8 @@ import yaml
 from ray import tune
 
 from .config import FIELDS, Config, ConfigError, from_dict, load_yaml, save_yaml, to_dict
+from .runlock import NAME as LOCK_NAME
+from .runlock import LockedError, RunLock
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "dropout_rate": {"type": "uniform", "low": 0.0, "high": 0.5},
@@ -549,12 +551,25 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
     with best_config.yaml and sweep.png under ``<storage_path>/<name>``."""
     if isinstance(sweep, dict):
         sweep = parse_sweep(sweep)
-    if resume and not tune.Tuner.can_restore(str(sweep.experiment_dir)):
-        raise ConfigError(f"{sweep.experiment_dir}: no sweep to resume there (check storage_path and name)")
-    with ray_cluster(address, local_cpus(sweep)):
-        sweep = fit_to_gpus(sweep, ray.cluster_resources().get("GPU", 0.0))
-        grid = make_tuner(sweep, resume, callbacks).fit()
-        return write_outputs(grid, sweep)
+    folder = sweep.experiment_dir
+    if resume and not tune.Tuner.can_restore(str(folder)):
+        raise ConfigError(f"{folder}: no sweep to resume there (check storage_path and name)")
+    if not resume and folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir()):
+        # a second sweep under the same name would leave only its own trials in the table
+        raise ConfigError(f"{folder}: holds a sweep already; --resume continues it (a finished one "
+                          "rewrites its table), or give another --name")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(folder).acquire()
+    except LockedError as err:
+        raise ConfigError(str(err).replace("another run", "another sweep")) from None
+    try:
+        with ray_cluster(address, local_cpus(sweep)):
+            sweep = fit_to_gpus(sweep, ray.cluster_resources().get("GPU", 0.0))
+            grid = make_tuner(sweep, resume, callbacks).fit()
+            return write_outputs(grid, sweep)
+    finally:
+        lock.release()
 
 
 def summary(table: pd.DataFrame, sweep: Sweep) -> str:

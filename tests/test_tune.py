@@ -182,3 +182,20 @@ def test_trials_needing_gpus_on_a_cluster_without_are_refused(small_shards, tmp_
     sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": 1, "gpu": 1}))
     with pytest.raises(ConfigError, match=r"^resources_per_trial.gpu 1: the Ray cluster has 0 GPU\(s\)"):
         tune.fit_to_gpus(sweep, 0.0)
+
+
+def test_a_sweep_folder_holds_one_sweep(small_shards, tmp_path):
+    """A second sweep under a used name would leave only its own trials in the table; two at
+    once would mix their trials. Both are refused before Ray starts."""
+    from iqa_dist.runlock import NAME
+
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path))
+    folder = sweep.experiment_dir
+    folder.mkdir(parents=True)
+    (folder / NAME).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "since": 0}))
+    with pytest.raises(ConfigError, match=f"^{folder}: in use by another sweep \\(pid {os.getpid()} "):
+        tune.run_sweep(sweep)
+    (folder / "results.csv").write_text("trial_id\n")
+    with pytest.raises(ConfigError, match=f"^{folder}: holds a sweep already; --resume continues it"):
+        tune.run_sweep(sweep)
+    assert (folder / "results.csv").read_text() == "trial_id\n"
