@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,3 +91,23 @@ def gpu_flags_off():
     yield
     for (flags, name), value in zip(switches, saved):
         setattr(flags, name, value)
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now: fixed ports collide with other runs on the machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI a cluster test that skips fails: a green run must hold the SLURM and
+    multi-node tests, not quietly lack them because a cluster did not start."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = any(True for m in ("cluster", "multinode") for _ in item.iter_markers(m))
+    if report.skipped and cluster and os.environ.get("CI") == "true":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where the clusters must run: {reason}"

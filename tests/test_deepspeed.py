@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from iqa_dist.checkpoint import as_fp32
 from test_train import REPO, machinery_args
+from conftest import free_port
 
 # DeepSpeed compiles its shared-memory all-reduce on first use (about a minute): cache it.
 EXTENSIONS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iqa_dist" / "torch_extensions"
@@ -19,7 +20,7 @@ EXTENSIONS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "i
 
 def deepspeed_run(stage: int, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / f"launch/zero{stage}.yaml"), "--num_processes", "2", "--main_process_port", "29551",
+           str(REPO / f"launch/zero{stage}.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()),
            "-m", "iqa_dist.train", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(EXTENSIONS))
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -27,8 +28,11 @@ def deepspeed_run(stage: int, args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(autouse=True)
 def no_shared_memory_left():
+    """DeepSpeed's CPU all-reduce leaves its buffers in /dev/shm: remove the ones this test
+    made, never another user's or run's."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     yield
-    for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+    for f in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
         f.unlink(missing_ok=True)
 
 

@@ -13,6 +13,7 @@ import pytest
 from iqa_dist.evaluate import main
 from test_predict import train_tiny
 from test_train import REPO, run
+from conftest import free_port
 
 COLUMNS = {"set", "split", "images", "srcc", "plcc", "plcc_logistic", "krcc", "rmse", "direction", "per_rank"}
 
@@ -86,7 +87,7 @@ def test_missing_set_is_a_one_line_error(trained_run, tmp_path, capsys):
 def test_two_ranks_score_each_image_exactly_once(trained_run, small_shards, one_process, tmp_path):
     out = tmp_path / "ddp"
     done = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", "29541",
+                str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
                 *evaluate_cmd("--checkpoint", str(trained_run), "--shards", str(small_shards), "--out", str(out))])
     assert done.returncode == 0, done.stderr[-3000:]
     row = results(out)["shards"]

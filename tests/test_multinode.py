@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from cluster import slurm
+from conftest import free_port
 from test_train import MACHINERY, REPO, accelerate_cmd, assert_identical, final_weights, run
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.multinode]
@@ -118,7 +119,7 @@ def train_config(small_shards, tmp_path_factory) -> Path:
 def one_node_two_ranks(train_config, tmp_path_factory) -> Path:
     """The reference: 2 ranks on one node (this machine), the same config and global batch."""
     run_dir = tmp_path_factory.mktemp("mn-reference") / "run"
-    out = run(accelerate_cmd(["--config", str(train_config), "--run_dir", str(run_dir)], port=29581))
+    out = run(accelerate_cmd(["--config", str(train_config), "--run_dir", str(run_dir)], port=free_port()))
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
 

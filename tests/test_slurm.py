@@ -10,6 +10,7 @@ import yaml
 
 from cluster import slurm
 from test_train import MACHINERY, REPO, accelerate_cmd, assert_identical, final_weights, run
+from conftest import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -25,7 +26,7 @@ def test_train_sh_two_ranks_preempted_requeued_same_weights(small_shards, tmp_pa
     cfg = tmp_path / "train.yaml"
     cfg.write_text(yaml.safe_dump(MACHINERY | {"dataset": str(small_shards)}))
     whole = tmp_path / "whole"
-    out = run(accelerate_cmd(["--config", str(cfg), "--run_dir", str(whole)], port=29561))
+    out = run(accelerate_cmd(["--config", str(cfg), "--run_dir", str(whole)], port=free_port()))
     assert out.returncode == 0, out.stderr[-3000:]
 
     run_dir, log = tmp_path / "job", tmp_path / "job.out"

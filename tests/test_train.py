@@ -27,6 +27,7 @@ from iqa_dist.optim import build_optimizer, build_scheduler
 from iqa_dist.pack import read_manifest
 from iqa_dist.train import Preempted, Trainer, train
 from iqa_dist.train import main as train_main
+from conftest import free_port
 
 REPO = Path(__file__).parents[1]
 
@@ -369,7 +370,7 @@ def test_an_unwritable_run_directory_is_one_line_at_start(small_shards, tmp_path
 def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
     run_dir = tmp_path / "ddp"
     args = machinery_args(small_shards, run_dir, "--epochs", "2")
-    out = run(accelerate_cmd(args, port=29531))
+    out = run(accelerate_cmd(args, port=free_port()))
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2  # two real ranks, not two lone runs
@@ -377,7 +378,7 @@ def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
     # SIGUSR1 to one rank only: both agree, save, and leave with the preemption code
     run_dir = tmp_path / "ddp-stop"
     args = machinery_args(small_shards, run_dir, "--epochs", "3")
-    proc = start_past_first_epoch(accelerate_cmd(args, port=29532), run_dir)
+    proc = start_past_first_epoch(accelerate_cmd(args, port=free_port()), run_dir)
     import psutil
     # the launcher's own children: the ranks (their data loader workers are grandchildren)
     ranks = [p for p in psutil.Process(proc.pid).children()
@@ -401,7 +402,7 @@ def test_two_ranks_match_one_rank_and_accumulation_with_the_same_global_batch(tm
     script = str(REPO / "tests" / "ddp_step.py")
     one = run([sys.executable, script, str(tmp_path / "one.safetensors"), "8", "1"])
     two = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", "29571", script,
+               str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", str(free_port()), script,
                str(tmp_path / "two.safetensors"), "8", "1"])
     acc = run([sys.executable, script, str(tmp_path / "acc.safetensors"), "8", "2"])
     for out in (one, two, acc):
