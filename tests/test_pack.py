@@ -146,10 +146,13 @@ def test_killed_pack_continues(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(out.glob("*.rows.json")))
+    assert not (out / "manifest.parquet").exists()  # killed mid-work
+    finished = {p.with_name(p.name.replace(".rows.json", ".tar")) for p in out.glob("*.rows.json")}
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
     assert main([*args, "--out", str(out)]) == 0
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == before  # skipped, not rewritten
     assert main([*args, "--out", str(whole)]) == 0
-    assert _tar_bytes(out) == _tar_bytes(whole) and done_before >= 5
+    assert _tar_bytes(out) == _tar_bytes(whole) and len(finished) >= 5
     assert not list(out.glob(".*.tmp"))
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -234,6 +235,11 @@ def test_rounds_report_median_and_spread(small_shards, tmp_path):
     assert len(summary["rounds"]) == 2 and "test_srcc_median" in summary and "test_srcc_iqr" in summary
     tests = [json.loads((run_dir / f"round-{r}" / "results.json").read_text()) for r in range(2)]
     assert all(t["epochs_run"] == 1 for t in tests)
+    assert summary["test_srcc_median"] == pytest.approx(float(np.median([t["test"]["srcc"] for t in tests])))
+    rounds = [yaml.safe_load((run_dir / f"round-{r}" / "config.yaml").read_text())["split_round"] for r in range(2)]
+    manifest = read_manifest(small_shards)
+    test_keys = [{row["key"] for row in manifest if row[f"split_{r}"] == "test"} for r in rounds]
+    assert rounds == [0, 1] and test_keys[0] != test_keys[1]  # each round tested other images
 
 
 def test_nan_loss_stops_with_a_clear_message(small_shards, tmp_path):
@@ -482,8 +488,12 @@ def test_compiled_model_trains_as_the_eager_one(small_shards, tmp_path, monkeypa
         return loss
 
     monkeypatch.setattr(Trainer, "train_step", record)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     for backend in ("none", "aot_eager"):
         train(machinery_config(small_shards, tmp_path / backend, epochs=1, compile=backend))
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the model
     assert len(losses["aot_eager"]) == MACHINERY["max_steps_per_epoch"]
     assert losses["aot_eager"] == pytest.approx(losses["none"], rel=1e-4)
 
@@ -553,3 +563,46 @@ def test_ddp_broadcasts_buffers_only_for_batch_norm(size, broadcast):
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     placed(model_from_config(cfg), cfg, accelerator)
     assert accelerator.ddp_handler.to_kwargs().get("broadcast_buffers", True) is broadcast
+
+
+def test_selection_scores_the_val_split_and_the_test_uses_the_best_epochs_weights(small_shards, tmp_path,
+                                                                                   monkeypatch):
+    """Validation sees exactly the val images; when the best epoch is not the last, the final
+    test is that epoch's weights, as `evaluate --split test` on checkpoints/best scores them."""
+    import pyarrow.parquet as pq
+
+    from iqa_dist import evaluate
+    from iqa_dist import train as train_module
+
+    real_predict, real_validate, scored = train_module.predict_split, Trainer.validate, []
+
+    def spy(model, split, *args, **kwargs):
+        scored.append((split.name, split.keys))
+        return real_predict(model, split, *args, **kwargs)
+
+    def first_epoch_best(self):  # the real scores, but epoch 1 ranks first: the last must not be tested
+        return dict(real_validate(self), srcc=1.0 - self.state.epoch)
+
+    monkeypatch.setattr(train_module, "predict_split", spy)
+    monkeypatch.setattr(Trainer, "validate", first_epoch_best)
+    run_dir = tmp_path / "run"
+    results = train(machinery_config(small_shards, run_dir, epochs=2))
+    manifest = read_manifest(small_shards)
+    keys = {name: frozenset(r["key"] for r in manifest if r["split_0"] == name) for name in ("val", "test")}
+    assert scored == [("val", keys["val"])] * 2 + [("test", keys["test"])]
+    assert results["best_epoch"] == 1 and results["epochs_run"] == 2
+
+    def evaluated(checkpoint: Path) -> dict:
+        out = tmp_path / f"eval-{checkpoint.name}"
+        assert evaluate.main(["--checkpoint", str(checkpoint), "--shards", str(small_shards), "--split", "test",
+                              "--out", str(out), "--workers", "0"]) == 0
+        return pq.read_table(out / "results.parquet").to_pylist()[0]
+
+    best = evaluated(run_dir)
+    last = run_dir / "last-weights"
+    last.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last" / "model.safetensors", last / "model.safetensors")
+    shutil.copy(run_dir / "config.yaml", last / "config.yaml")
+    for metric in ("srcc", "plcc", "rmse"):
+        assert results["test"][metric] == pytest.approx(best[metric], rel=1e-6)
+    assert evaluated(last)["plcc"] != pytest.approx(best["plcc"], rel=1e-6)
