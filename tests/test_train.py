@@ -606,3 +606,38 @@ def test_selection_scores_the_val_split_and_the_test_uses_the_best_epochs_weight
     for metric in ("srcc", "plcc", "rmse"):
         assert results["test"][metric] == pytest.approx(best[metric], rel=1e-6)
     assert evaluated(last)["plcc"] != pytest.approx(best["plcc"], rel=1e-6)
+
+
+def _rank_procs(args: list[str], port: int) -> list[subprocess.Popen]:
+    """Two training processes joined by gloo on 127.0.0.1, as a launcher would start them
+    but without one: a launcher would kill the survivor as soon as the other rank died."""
+    procs = []
+    for rank in (0, 1):
+        env_ = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(train_cmd(args), env=env_, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, cwd=REPO))
+    return procs
+
+
+@pytest.mark.slow
+def test_a_lost_rank_is_named_by_the_survivor_which_exits_3_and_the_run_resumes(small_shards, tmp_path):
+    whole = tmp_path / "whole"
+    reference = _rank_procs(machinery_args(small_shards, whole), free_port())
+    for proc in reference:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    run_dir = tmp_path / "lost"
+    args = machinery_args(small_shards, run_dir, "--dist_timeout_s", "20")
+    rank0, rank1 = _rank_procs(args, free_port())
+    wait_for(lambda: epochs_done(run_dir) >= 1, rank0)
+    rank1.kill()  # SIGKILL: a lost node says nothing
+    _, err = rank0.communicate(timeout=300)
+    rank1.wait()
+    assert rank0.returncode == 3, err[-3000:]
+    # gloo sees the peer's socket close and fails the collective; the heartbeats name who is gone
+    assert f"error: lost rank 1 on {socket.gethostname()} (silent for" in err, err[-3000:]
+    assert "Traceback" not in err
+    resumed = _rank_procs(args + ["--resume", "latest"], free_port())
+    for proc in resumed:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    assert_identical(final_weights(run_dir), final_weights(whole))
