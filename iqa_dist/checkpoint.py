@@ -18,12 +18,14 @@ to the newest readable ``step-N`` with a warning. Loading uses safetensors and
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -83,6 +85,35 @@ def experiment_changes(saved: dict[str, Any], now: dict[str, Any], allowed: Sequ
     checkpoint of an older version did not record are not compared)."""
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(saved.keys() & now.keys())
             if k not in allowed and saved[k] != now[k]]
+
+
+# How a full disk shows: errno from Python, a message from torch's zip writer and safetensors.
+_FULL_DISK = ("No space left", "unexpected pos", "StorageFull", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(err) for text in _FULL_DISK)
+
+
+@contextlib.contextmanager
+def space_for(run_dir: Path, what: str, need_bytes: int) -> Iterator[None]:
+    """A full disk while writing ``what`` into ``run_dir`` becomes one line naming the folder
+    and the space needed; a half-written checkpoint is removed, and ``last`` keeps pointing
+    at the previous, complete one."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if not _disk_full(err):
+            raise
+        for stage in checkpoints_dir(run_dir).glob(".tmp-step-*"):
+            shutil.rmtree(stage, ignore_errors=True)
+        free = shutil.disk_usage(run_dir).free
+        last = checkpoints_dir(run_dir) / "last"
+        kept = f"; {last} is unchanged" if last.exists() else ""
+        raise CheckpointError(f"{run_dir}: no space left on its device for {what} (about {need_bytes / 1e6:.0f} "
+                              f"MB needed, {free / 1e6:.0f} MB free){kept}") from None
 
 
 def resolve_resume(resume: str | None, run_dir: Path, warn: Callable[[str], None] = print) -> Path | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -36,6 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
+from . import atomic
 from . import checkpoint as ckpt
 from .config import RUN_KEYS, Config, ConfigError, for_world, parse_config, save_yaml, to_dict
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
@@ -257,14 +259,18 @@ class Trainer:
     def save(self) -> Path:
         """Full state of every rank into checkpoints/step-N, then ``last`` points at it."""
         stage = ckpt.staging_dir(self.run_dir, self.state.global_step)
-        self.accelerator.save_state(str(stage), safe_serialization=True)
-        self.accelerator.wait_for_everyone()
-        path = None
-        if self.main:
-            state = dict(vars(self.state), scheduler=self.scheduler.state_dict(), experiment=self.experiment())
-            path = ckpt.publish(self.run_dir, self.state.global_step, state)
+        with ckpt.space_for(self.run_dir, f"checkpoint step-{self.state.global_step:08d}", 3 * self.weight_bytes()):
+            self.accelerator.save_state(str(stage), safe_serialization=True)  # weights and Adam's 2 moments
+            self.accelerator.wait_for_everyone()
+            path = None
+            if self.main:
+                state = dict(vars(self.state), scheduler=self.scheduler.state_dict(), experiment=self.experiment())
+                path = ckpt.publish(self.run_dir, self.state.global_step, state)
         self.accelerator.wait_for_everyone()
         return path or ckpt.checkpoints_dir(self.run_dir) / f"step-{self.state.global_step:08d}"
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def load(self, path: Path) -> None:
         problem = ckpt.random_state_problem(path, self.accelerator.process_index)
@@ -298,10 +304,11 @@ class Trainer:
         weights = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards
         if self.main:
             best = ckpt.checkpoints_dir(self.run_dir) / "best"
-            ckpt.save_weights(ckpt.as_fp32(weights), best / "model.safetensors",
-                              metadata={"model_size": self.cfg.model_size})
-            save_yaml(self.given, best / "config.yaml")
-            ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))
+            with ckpt.space_for(self.run_dir, "the best weights", 2 * self.weight_bytes()):  # fp32 of bf16
+                ckpt.save_weights(ckpt.as_fp32(weights), best / "model.safetensors",
+                                  metadata={"model_size": self.cfg.model_size})
+                save_yaml(self.given, best / "config.yaml")
+                ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))
         self.accelerator.wait_for_everyone()
 
     def load_into_model(self, weights: dict[str, torch.Tensor]) -> None:
@@ -459,13 +466,11 @@ class Trainer:
         """summary.csv rewritten from the history (a resumed run never repeats a row), and TensorBoard."""
         if not self.main:
             return
-        path = self.run_dir / "summary.csv"
-        tmp = path.with_name(".summary.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
+        with ckpt.space_for(self.run_dir, "summary.csv", 1 << 20), io.StringIO() as text:
+            writer = csv.DictWriter(text, fieldnames=list(row))
             writer.writeheader()
             writer.writerows(self.state.history)
-        os.replace(tmp, path)
+            atomic.write_text(self.run_dir / "summary.csv", text.getvalue())
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -244,3 +244,31 @@ def test_ctrl_c_stops_a_pack_in_one_line_and_the_same_command_continues(tmp_path
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.strip() == f"interrupted: the finished shards in {out} are kept; the same command continues"
     assert pack_main(args) == 0 and (out / "manifest.parquet").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 16 MB (a tmpfs): room for a micro run's best weights (10 MB),
+    not for a checkpoint with its optimiser state beside them."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporaries(small_shards, small_disk):
+    from test_train import run, train_cmd
+
+    run_dir = small_disk / "run"
+    out = run(train_cmd(machinery_args(small_shards, run_dir, "--epochs", "1", "--workers", "0")))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = next(l for l in out.stderr.splitlines() if l.startswith("error: "))
+    assert line.startswith(f"error: {run_dir}: no space left on its device for checkpoint step-00000004 ")
+    assert "MB needed" in line and "MB free" in line
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith((".tmp-", ".")) and p.name.endswith("tmp")]
+    assert not list((run_dir / "checkpoints").glob(".tmp-step-*"))
