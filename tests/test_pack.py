@@ -425,8 +425,7 @@ def test_interrupted_writes_leave_no_temporaries(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pq, "write_table", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
+    assert main(args) == 130  # Ctrl-C while the manifest is written: one line, not a traceback
     assert not list(out.glob(".*"))
     monkeypatch.undo()
     # what kill -9 leaves while a shard and the manifest are written
