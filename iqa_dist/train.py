@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import RUN_KEYS, Config, ConfigError, for_world, parse_config, save_yaml, to_dict
+from .data.jitter import draw as draw_jitter, jittered
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
@@ -322,7 +323,12 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         acc, cfg = self.accelerator, self.cfg
         dtype = next(self.model.parameters()).dtype  # DeepSpeed bf16 casts the model, not inputs
-        images = to_model_input(images, acc.device, dtype, channels_last=self.channels_last)
+        images = to_model_input(images, acc.device, channels_last=self.channels_last)
+        if cfg.color_jitter:  # drawn from the step, so a resumed epoch replays it
+            st = self.state
+            images = jittered(images, draw_jitter(len(images), cfg.seed, st.epoch, acc.process_index,
+                                                  st.step_in_epoch))
+        images = images.to(dtype)
         labels = labels.to(acc.device, non_blocking=True)
         with acc.accumulate(self.model):
             with acc.autocast():
