@@ -66,6 +66,7 @@ class Config:
     train_patch_num: int = 20  # random crops per image per epoch
     test_patch_num: int = 20  # deterministic grid crops per image at evaluation
     test_random_crop: bool = False  # seeded random crops at evaluation instead of a grid
+    color_jitter: bool = False  # the seed's ColorJitter(0.1, 0.1, 0.1, 0.05) on training patches (data/jitter.py)
     patch_size: int = 224
     workers: int = 2  # data loader processes per rank
     threads: int = 0  # torch threads per rank (0: torch's default); 1 avoids oversubscribed CPUs

@@ -28,7 +28,7 @@ from .config import Config, from_dict
 from .data.stream import ShardError, Split, load_split
 from .images import max_pixels
 from .runtime import make_accelerator, shards_path
-from .scoring import card_of, gather_all, local_predictions, same_direction, split_metrics
+from .scoring import card_of, gather_all, local_predictions, same_direction, split_metrics, training_resize
 from .tools import check_out, load_trained, markdown_table
 
 
@@ -50,10 +50,11 @@ def _label_text(card: dict) -> str:
 
 
 def evaluate_set(model: torch.nn.Module, name: str, split: Split, cfg: Config, accelerator: Accelerator,
-                 trained_card: dict, batch_size: int | None = None) -> SetResult:
-    """Metrics of one set's split; every rank must call it (predictions are gathered)."""
+                 trained_card: dict, batch_size: int | None = None, resize: str = "none") -> SetResult:
+    """Metrics of one set's split, its images resized first by pack's policy ``resize``
+    (the training set's: ``training_resize``); every rank must call it (predictions are gathered)."""
     card = card_of(split.root)
-    local = local_predictions(model, split, cfg, accelerator, batch_size)
+    local = local_predictions(model, split, cfg, accelerator, batch_size, resize)
     scored = gather_all(accelerator, local)
     per_rank = gather_all(accelerator, [len(local)])
     preds = {k: (p, label) for k, p, label in scored}
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels()  # here, not in every loader worker
         trained = load_trained(args.checkpoint)
         check_out(args.out or default_out(trained.weights), folder=True)
+        resize = training_resize(trained.card)
         overrides = {k: v for k, v in (("test_patch_num", args.test_patch_num), ("workers", args.workers),
                                        ("split_round", args.round), ("batch_size", args.batch_size),
                                        ("mixed_precision", args.mixed_precision)) if v is not None}
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"evaluating {name} ({split.name}: {len(split)} images) on "
                   f"{accelerator.num_processes} process(es)", flush=True)
         try:
-            results.append(evaluate_set(model, name, split, cfg, accelerator, trained.card))
+            results.append(evaluate_set(model, name, split, cfg, accelerator, trained.card, resize=resize))
         except ShardError as err:  # a broken set costs its own result only
             failed.append(f"{name}: {err}")
             print(f"error: {failed[-1]}", file=sys.stderr, flush=True)

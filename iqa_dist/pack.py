@@ -59,7 +59,7 @@ class PackError(ValueError):
 
 @dataclasses.dataclass
 class PackOptions:
-    resize: str = "none"  # none | koniq | koniq-faithful | short:N
+    resize: str = "none"  # none | seed | koniq | short:N (see resize_policy)
     lossy_quality: int = 0  # >0: store resized/converted images as JPEG of this quality
     shard_size: int = 500  # images per shard
     seed: int = 0
@@ -71,22 +71,33 @@ class PackOptions:
 # ---------------------------------------------------------------- pixels
 
 
+def check_resize(policy: str) -> str:
+    """``policy`` when it is one of pack's resize policies, else a ValueError saying so."""
+    short = policy.removeprefix("short:")
+    if policy in ("none", "seed", "koniq") or (short != policy and short.isdigit() and int(short) > 0):
+        return policy
+    raise ValueError(f"resize {policy!r}: not one of none, seed, koniq, short:N (N pixels)")
+
+
 def resize_policy(img: Image.Image, policy: str) -> Image.Image | None:
-    """The resized image, or None when the policy leaves it alone."""
-    if policy == "none":
+    """The resized image, or None when the policy leaves it alone.
+
+    ``seed``: the seed's ``torchvision.transforms.Resize((512, 384))``, which on a PIL
+    image is PIL's antialiased bilinear resize to 384 wide x 512 tall (height first:
+    landscape photos are squashed), for every image. ``koniq``: 512x384 keeping the
+    orientation, bicubic. ``short:N``: the short side down to N, bicubic.
+    """
+    if check_resize(policy) == "none":
         return None
-    if policy == "koniq":  # KonIQ's 512x384, keeping landscape/portrait orientation
+    if policy == "seed":
+        return None if img.size == (384, 512) else img.resize((384, 512), Image.Resampling.BILINEAR)
+    if policy == "koniq":
         size = (512, 384) if img.width >= img.height else (384, 512)
-    elif policy == "koniq-faithful":  # the original's Resize((512, 384)): 384 wide, 512 tall
-        size = (384, 512)
-    elif policy.startswith("short:"):
-        short = int(policy.split(":", 1)[1])
-        scale = short / min(img.size)
+    else:  # short:N
+        scale = int(policy.removeprefix("short:")) / min(img.size)
         if scale >= 1:
             return None
         size = (round(img.width * scale), round(img.height * scale))
-    else:
-        raise ValueError(f"unknown resize policy {policy!r}")
     if img.size == size:  # e.g. KonIQ's own 512x384 copies: keep their original bytes
         return None
     return img.resize(size, Image.Resampling.BICUBIC)
@@ -500,9 +511,9 @@ def _finished_shards(out: Path, dataset: str, count: int) -> list[dict]:
     return [json.loads((out / n).with_suffix(".rows.json").read_text()) for n in names]
 
 
-# HyperIQA trains on KonIQ-10k at 512x384 (the size its authors also distribute); other
+# The seed trains on KonIQ-10k resized as its torchvision Resize((512, 384)) does; other
 # sets keep their pixels, which their labels were given for
-DEFAULT_RESIZE = {"koniq-10k": "koniq"}
+DEFAULT_RESIZE = {"koniq-10k": "seed"}
 # The demo's 19 photographs: 0.1 would validate on 2 of them, too few to select with
 DEFAULT_SPLIT = {"demo": (0.6, 0.2, 0.2)}
 
@@ -517,9 +528,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_root", type=Path,
                    help="csv: the folder the label file's names are relative to (default: --root)")
     p.add_argument("--resize",
-                   help="none (original pixels), koniq (512x384 by orientation), koniq-faithful "
-                        "(the original's 384x512), or short:N (short side N); default: koniq for "
-                        "koniq-10k (the original protocol's size), none for the others")
+                   help="none (original pixels), seed (the seed's Resize((512, 384)): 384 wide x "
+                        "512 tall, bilinear, any set), koniq (512x384 by orientation, bicubic), or "
+                        "short:N (short side N); default: seed for koniq-10k, none for the others")
     p.add_argument("--lossy_quality", type=int, default=0,
                    help="store resized or converted images as JPEG of this quality (default: PNG)")
     p.add_argument("--shard_size", type=int, default=500, help="images per shard")
@@ -542,6 +553,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resize is None:
         args.resize = DEFAULT_RESIZE.get(args.dataset, "none")
+    try:
+        check_resize(args.resize)
+    except ValueError as err:
+        p.error(f"--{err}")
     if args.split is None:
         args.split = DEFAULT_SPLIT.get(args.dataset, PackOptions.split)
     problem = argument_problem(args)

@@ -2,9 +2,11 @@
 
     python -m iqa_dist.predict --checkpoint runs/koniq-tiny photos/ extra.jpg 'shots/*.png' --out scores.csv
 
-Each image is scored as evaluation scores it: the mean prediction over the trained
-configuration's deterministic crops (images smaller than a crop are upsampled first,
-and the ``note`` column says so). Crops of consecutive images share batches. Files that
+Each image is scored as evaluation scores it: resized first as the training set was
+packed (its card's ``--resize``: a KonIQ model sees a 1024x768 photo at the 384x512 it
+was trained on), then the mean prediction over the trained configuration's
+deterministic crops (images smaller than a crop are upsampled first). The ``note``
+column says what was done to the image. Crops of consecutive images share batches. Files that
 cannot be scored are reported, one line each, and skipped; the exit code is then 1.
 """
 from __future__ import annotations
@@ -26,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .config import ConfigError
-from .data.stream import eval_crops, to_model_input
+from .data.stream import eval_crops, resized, to_model_input
 from .images import BadImage, max_pixels, read_rgb
 from .runtime import fast_kernels
+from .scoring import training_resize
 from .tools import check_out, default_device, label_scale, load_trained, markdown_table
 
 EXIT_SKIPPED = 1  # some inputs were skipped; the others were scored
@@ -82,9 +85,9 @@ class ImageCrops(Dataset):
     """(index, uint8 crops [n, p, p, 3] or None, note or reason) of each file."""
 
     def __init__(self, paths: list[Path], patch_size: int, patch_num: int, random_crop: bool,
-                 seed: int) -> None:
+                 seed: int, resize: str = "none") -> None:
         self.paths, self.patch_size, self.patch_num = paths, patch_size, patch_num
-        self.random_crop, self.seed = random_crop, seed
+        self.random_crop, self.seed, self.resize = random_crop, seed, resize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,8 +101,12 @@ class ImageCrops(Dataset):
         h, w = arr.shape[:2]
         if min(h, w) < MIN_SIDE:
             return i, None, f"too small to score ({w}x{h})"
-        p = self.patch_size
-        note = f"upsampled: {w}x{h} is smaller than a {p} crop" if min(h, w) < p else ""
+        arr = resized(arr, self.resize)
+        notes = [f"resized {w}x{h} -> {arr.shape[1]}x{arr.shape[0]} (--resize {self.resize}, as the "
+                 "training set)"] if arr.shape[:2] != (h, w) else []
+        h, w, p = *arr.shape[:2], self.patch_size
+        notes += [f"upsampled: {w}x{h} is smaller than a {p} crop"] if min(h, w) < p else []
+        note = "; ".join(notes)
         crops = eval_crops(str(path), arr, p, self.patch_num, self.random_crop, self.seed)
         return i, np.stack(crops), note
 
@@ -129,11 +136,12 @@ def fixed_batches(items: Iterable[tuple[int, np.ndarray]], size: int) -> Iterato
 @torch.no_grad()
 def score_files(model: torch.nn.Module, paths: list[Path], *, patch_size: int, patch_num: int,
                 batch_size: int, device: str | torch.device, workers: int = 0,
-                random_crop: bool = False, seed: int = 0,
+                random_crop: bool = False, seed: int = 0, resize: str = "none",
                 progress: bool = True) -> tuple[list[Scored], list[Skipped]]:
-    """Scores of the readable files (in input order) and the files skipped, with reasons."""
+    """Scores of the readable files (in input order) and the files skipped, with reasons;
+    ``resize``: pack's policy applied to each image first (see ``training_resize``)."""
     model.eval()
-    loader = DataLoader(ImageCrops(paths, patch_size, patch_num, random_crop, seed), batch_size=None,
+    loader = DataLoader(ImageCrops(paths, patch_size, patch_num, random_crop, seed, resize), batch_size=None,
                         num_workers=workers, collate_fn=_as_is)
     sums, counts = np.zeros(len(paths)), np.zeros(len(paths))
     notes: dict[int, str] = {}
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             check_out(args.out, folder=False)
         trained = load_trained(args.checkpoint)
+        resize = training_resize(trained.card)
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no GPU is visible")
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     scored, unreadable = score_files(
         trained.model.to(device), paths, patch_size=cfg.patch_size,
         patch_num=args.test_patch_num or cfg.test_patch_num, batch_size=args.batch_size, device=device,
-        workers=args.workers, random_crop=cfg.test_random_crop, seed=cfg.seed, progress=not args.quiet)
+        workers=args.workers, random_crop=cfg.test_random_crop, seed=cfg.seed,
+        resize=resize, progress=not args.quiet)
     skipped += unreadable
     if not args.quiet and scored:
         print(f"scores: {label_scale(trained.card)}; model {cfg.model_size} from {trained.weights}")

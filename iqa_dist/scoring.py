@@ -11,9 +11,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .config import Config
+from .config import Config, ConfigError
 from .data.stream import ShardError, Split, batches, eval_loader, to_model_input
 from .metrics import aggregate_by_key, compute_metrics
+from .pack import check_resize
 
 
 def card_of(shards: str | Path) -> dict:
@@ -32,6 +33,15 @@ def card_of(shards: str | Path) -> dict:
     return card
 
 
+def training_resize(card: dict, where: str = "the checkpoint's label card (metrics.json)") -> str:
+    """The ``--resize`` the training set was packed with (its card's), which predict and
+    evaluate apply to every image so that a model sees the geometry it was trained on."""
+    try:
+        return check_resize(card.get("options", {}).get("resize", "none"))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}; pack the training set again") from None
+
+
 def same_direction(trained_on: dict, tested_on: dict) -> bool:
     """Whether a model's scores and a set's labels grow in the same direction (MOS vs DMOS)."""
     return trained_on.get("higher_is_better", True) == tested_on.get("higher_is_better", True)
@@ -43,9 +53,9 @@ def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def predict_split(model: torch.nn.Module, split: Split, cfg: Config, accelerator: Accelerator,
-                  batch_size: int | None = None) -> dict[str, tuple[float, float]]:
+                  batch_size: int | None = None, resize: str = "none") -> dict[str, tuple[float, float]]:
     """{image key: (mean prediction over its crops, label)}, identical on every rank."""
-    local = local_predictions(model, split, cfg, accelerator, batch_size)
+    local = local_predictions(model, split, cfg, accelerator, batch_size, resize)
     return {k: (p, label) for k, p, label in gather_all(accelerator, local)}
 
 
@@ -56,8 +66,9 @@ def gather_all(accelerator: Accelerator, items: list) -> list:
 
 @torch.no_grad()
 def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, accelerator: Accelerator,
-                      batch_size: int | None = None) -> list[tuple[str, float, float]]:
-    """(key, mean prediction over its crops, label) of the images this rank read.
+                      batch_size: int | None = None, resize: str = "none") -> list[tuple[str, float, float]]:
+    """(key, mean prediction over its crops, label) of the images this rank read, each
+    resized first by pack's policy ``resize`` (see ``training_resize``).
 
     Every rank must call it: ranks step in lockstep (a dummy batch when a rank has run
     out) because a wrapped model's forward may hold collectives (DDP buffer sync, ZeRO-3
@@ -68,7 +79,7 @@ def local_predictions(model: torch.nn.Module, split: Split, cfg: Config, acceler
     loader = eval_loader(split, patch_num=cfg.test_patch_num, patch_size=cfg.patch_size,
                          batch_size=batch_size or cfg.batch_size, rank=accelerator.process_index,
                          world=accelerator.num_processes, workers=cfg.workers,
-                         random_crop=cfg.test_random_crop, seed=cfg.seed,
+                         random_crop=cfg.test_random_crop, seed=cfg.seed, resize=resize,
                          pin_memory=accelerator.device.type == "cuda")
     keys, outs, labels = [], [], []
     loaded, dummy = iter(batches(loader)), None

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from . import atomic
 from . import checkpoint as ckpt
 from .config import RUN_KEYS, Config, ConfigError, for_world, parse_config, save_yaml, to_dict
+from .data.jitter import draw as draw_jitter, jittered
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
@@ -48,7 +49,7 @@ from .optim import base_lr, build_scheduler, is_hyper
 from .runlock import NAME as LOCK_NAME
 from .runlock import LockedError, RunLock
 from .runtime import compiled, make_accelerator, placed, set_determinism, shards_path
-from .scoring import card_of, predict_split, same_direction, split_metrics
+from .scoring import card_of, predict_split, same_direction, split_metrics, training_resize
 from .tools import model_from_config
 
 
@@ -157,6 +158,7 @@ class Trainer:
         check_splits(self.shards, self.train_split, self.val_split, self.test_split)
         max_pixels()  # a bad IQA_MAX_PIXELS is one line here, not an error in every loader worker
         self.card = card_of(self.shards)
+        self.resize = training_resize(self.card, str(self.shards / "card.json"))  # for cross-data-set tests
         self.steps = steps_per_epoch(len(self.train_split), cfg.train_patch_num, cfg.batch_size, world,
                                      cfg.grad_accum)
         self.epoch_steps = self.steps  # what an epoch is; ``steps`` what one runs (max_steps_per_epoch)
@@ -329,7 +331,12 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         acc, cfg = self.accelerator, self.cfg
         dtype = next(self.model.parameters()).dtype  # DeepSpeed bf16 casts the model, not inputs
-        images = to_model_input(images, acc.device, dtype, channels_last=self.channels_last)
+        images = to_model_input(images, acc.device, channels_last=self.channels_last)
+        if cfg.color_jitter:  # drawn from the step, so a resumed epoch replays it
+            st = self.state
+            images = jittered(images, draw_jitter(len(images), cfg.seed, st.epoch, acc.process_index,
+                                                  st.step_in_epoch))
+        images = images.to(dtype)
         labels = labels.to(acc.device, non_blocking=True)
         with acc.accumulate(self.model):
             with acc.autocast():
@@ -532,7 +539,8 @@ class Trainer:
             if self.main:  # written as it grows: a cross-data-set that fails loses no other result
                 ckpt.write_json(self.run_dir / "results.json", results)
             path = shards_path(self.cfg, name)
-            preds = predict_split(self.model, load_split(path, "all"), self.cfg, self.accelerator)
+            preds = predict_split(self.model, load_split(path, "all"), self.cfg, self.accelerator,
+                                  resize=self.resize)  # as evaluate scores it
             results[f"cross_{name}"] = split_metrics(preds, same_direction(self.card, card_of(path)))
         if self.main:
             ckpt.write_json(self.run_dir / "results.json", results)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pack a large data set into shards with an array job, then merge and verify.
 #
-#   DATASET=koniq-10k ROOT=/data/koniq10k OUT=shards/koniq-10k PACK_ARGS="--resize koniq" \
+#   DATASET=koniq-10k ROOT=/data/koniq10k OUT=shards/koniq-10k PACK_ARGS="--resize seed" \
 #       bash slurm/pack.sh          # or: sbatch slurm/pack.sh (the same, as a tiny job)
 #
 # Run outside an array job, this script submits itself twice and exits:
@@ -19,7 +19,7 @@
 #   DATASET, ROOT, OUT  as for `python -m iqa_dist.pack` (required; ROOT may be empty for
 #                       the demo set)
 #   PACK_ARGS     further options for every task and the merge, split on blanks, the same
-#                 for all (e.g. "--resize koniq --shard_size 500 --seed 0")
+#                 for all (e.g. "--resize seed --shard_size 500 --seed 0")
 #   PACK_SLICES   number of array tasks (default 8)
 #   PACK_PARALLEL at most this many tasks at once (default: all)
 #   PACK_STEP     merge: run the merge (set by the submitter for its second job)

@@ -77,6 +77,28 @@ def test_split_option_takes_one_split(trained_run, small_shards, tmp_path):
     assert row["split"] == "test" and int(row["images"]) == 6  # 24 images, a quarter for test
 
 
+def test_sets_are_scored_at_the_training_sets_geometry(trained_run, small_shards, tmp_path):
+    """A model whose card says its training set was packed ``--resize seed`` scores a set of
+    original pixels as that set packed ``--resize seed`` (the seed's cross-data-set protocol)."""
+    from iqa_dist.pack import PackOptions, pack
+
+    seed_run = tmp_path / "seed-run"
+    shutil.copytree(trained_run / "checkpoints" / "best", seed_run)
+    metrics = json.loads((seed_run / "metrics.json").read_text())
+    metrics["label_card"]["options"]["resize"] = "seed"
+    (seed_run / "metrics.json").write_text(json.dumps(metrics))
+    resized = tmp_path / "resized"
+    pack("csv", small_shards.parent / "src", resized, PackOptions(resize="seed", shard_size=5), workers=0)
+    scores = {}
+    for name, shards in (("raw", small_shards), ("packed", resized)):
+        assert main(["--checkpoint", str(seed_run), "--shards", str(shards), "--out", str(tmp_path / name),
+                     "--workers", "0"]) == 0
+        scores[name] = {r["key"]: r["prediction"] for r in pq.read_table(tmp_path / name / "predictions.parquet")
+                        .to_pylist()}
+    assert scores["raw"].keys() == scores["packed"].keys() and len(scores["raw"]) == 24
+    assert all(scores["raw"][k] == pytest.approx(p, rel=1e-6) for k, p in scores["packed"].items())
+
+
 def test_missing_set_is_a_one_line_error(trained_run, tmp_path, capsys):
     assert main(["--checkpoint", str(trained_run), "--shards", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()

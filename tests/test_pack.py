@@ -236,9 +236,10 @@ def test_koniq_official_split_is_round_zero(tmp_path):
 
 
 @pytest.mark.parametrize("dataset, flag, resize, size", [
-    ("koniq-10k", None, "koniq", (512, 384)),  # the original protocol's size by default
+    ("koniq-10k", None, "seed", (384, 512)),  # the seed's Resize((512, 384)) by default
     ("koniq-10k", "none", "none", (32, 24)),
     ("csv", None, "none", (32, 24)),
+    ("csv", "seed", "seed", (384, 512)),  # a cross-data-set set packed the seed's way
 ])
 def test_resize_default_depends_on_the_data_set(dataset, flag, resize, size, tmp_path):
     from layouts import LAYOUTS
@@ -249,6 +250,29 @@ def test_resize_default_depends_on_the_data_set(dataset, flag, resize, size, tmp
     assert {(r["width"], r["height"]) for r in _manifest(out)} == {size}
     assert json.loads((out / "card.json").read_text())["options"]["resize"] == resize
     assert f"- resize: {resize}" in (out / "card.md").read_text()
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (500, 700), (384, 512)])
+def test_seed_resize_is_torchvisions_resize_512_384_pixel_for_pixel(size):
+    """The seed's ``transforms.Resize((512, 384))`` on a PIL image: 512 tall, 384 wide,
+    bilinear with antialias, whatever the orientation."""
+    from torchvision import transforms
+
+    from iqa_dist.pack import resize_policy
+
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, size[0])[None, :, None] * np.linspace(0, 1, size[1])[:, None, None]
+    img = Image.fromarray(np.clip(smooth + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8))
+    ours = resize_policy(img, "seed") or img
+    assert ours.size == (384, 512)
+    assert np.array_equal(np.asarray(ours), np.asarray(transforms.Resize((512, 384))(img)))
+
+
+def test_an_unknown_resize_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dataset", "csv", "--root", str(tmp_path), "--out", str(tmp_path / "o"), "--resize", "koniq-faithful"])
+    assert exit_.value.code == 2
+    assert "--resize 'koniq-faithful': not one of none, seed, koniq, short:N" in capsys.readouterr().err
 
 
 def test_images_already_at_the_target_size_keep_their_bytes():

@@ -102,6 +102,30 @@ def test_score_is_the_mean_over_the_evaluation_crops_whatever_the_batching(train
         assert s.score == pytest.approx(float(direct), abs=1e-5)
 
 
+def test_a_model_sees_a_raw_photo_as_its_training_set_was_packed(trained_run, tmp_path):
+    """A model trained on a set packed ``--resize seed`` (its card, in the checkpoint) scores a
+    1024x768 photo as that photo resized by the seed's Resize((512, 384))."""
+    import json
+    import shutil
+
+    best = tmp_path / "best"
+    shutil.copytree(trained_run / "checkpoints" / "best", best)
+    metrics = json.loads((best / "metrics.json").read_text())
+    metrics["label_card"]["options"]["resize"] = "seed"
+    (best / "metrics.json").write_text(json.dumps(metrics))
+    ramp = np.linspace(0, 255, 1024)[None, :, None] * np.linspace(0, 1, 768)[:, None, None]
+    photo = Image.fromarray(np.broadcast_to(ramp, (768, 1024, 3)).astype(np.uint8))
+    photo.save(tmp_path / "raw.png")
+    photo.resize((384, 512), Image.Resampling.BILINEAR).save(tmp_path / "resized.png")
+    out = tmp_path / "scores.csv"
+    assert main(["--checkpoint", str(best), str(tmp_path / "raw.png"), str(tmp_path / "resized.png"),
+                 "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    raw, resized = csv.DictReader(open(out))
+    assert float(raw["score"]) == pytest.approx(float(resized["score"]), rel=1e-6)  # batch position
+    assert raw["note"] == "resized 1024x768 -> 384x512 (--resize seed, as the training set)"
+    assert resized["note"] == ""
+
+
 def test_batches_cut_across_images_and_keep_owners():
     items = [(0, np.zeros((3, 1))), (1, np.ones((3, 1))), (2, np.full((1, 1), 2.0))]
     batches = list(fixed_batches(items, 2))

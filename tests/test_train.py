@@ -219,6 +219,51 @@ def test_the_loop_reads_the_device_once_per_log_window(small_shards, tmp_path, m
     assert reads == ["tolist", "tolist"]
 
 
+def _model_inputs(monkeypatch, cfg: Config, stop_after: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(raw patches, model input) of each training step of ``train(cfg)``; with ``stop_after``
+    the run is stopped after that many steps and resumed."""
+    steps, real_step = [], Trainer.train_step
+
+    def spy(model, _):
+        return lambda x: (steps[-1].append(x.clone()), model(x))[1]
+
+    def step(self, images, labels):
+        steps.append([images.clone()])
+        loss = real_step(self, images, labels)
+        self.stop.raised = len(steps) == stop_after and self.cfg.resume is None
+        return loss
+
+    monkeypatch.setattr("iqa_dist.train.compiled", spy)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    if stop_after:
+        with pytest.raises(Preempted):
+            train(cfg)
+        cfg = replace(cfg, resume="latest")
+    train(cfg)
+    return [tuple(s) for s in steps]
+
+
+def test_color_jitter_is_seeded_by_the_step_and_a_resumed_epoch_replays_it(small_shards, tmp_path, monkeypatch):
+    """The seed's ColorJitter: the model sees each step's patches jittered with the
+    parameters of (seed, epoch, rank, step), so a run stopped mid-epoch and resumed feeds
+    it exactly what the uninterrupted run did; off, it sees the plain normalised patches."""
+    from iqa_dist.data.jitter import draw, jittered
+    from iqa_dist.data.stream import to_model_input
+
+    short = dict(epochs=1, max_steps_per_epoch=2)
+    plain = _model_inputs(monkeypatch, machinery_config(small_shards, tmp_path / "off", **short))
+    on = _model_inputs(monkeypatch, machinery_config(small_shards, tmp_path / "on", color_jitter=True, **short))
+    resumed = _model_inputs(monkeypatch, machinery_config(small_shards, tmp_path / "resumed", color_jitter=True,
+                                                          **short), stop_after=1)
+    assert len(plain) == len(on) == len(resumed) == 2
+    for step, ((raw, off), (raw_on, x), (_, y)) in enumerate(zip(plain, on, resumed)):
+        assert torch.equal(raw, raw_on)  # jitter does not change which patches are drawn
+        assert torch.equal(off, to_model_input(raw, "cpu"))
+        assert torch.equal(x, jittered(off, draw(len(raw), Config.seed, 0, 0, step)))
+        assert not torch.allclose(x, off, atol=1e-3)
+        assert torch.equal(x, y)
+
+
 def test_validation_srcc_nan_every_epoch_still_keeps_best_weights(small_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Trainer, "validate", lambda self: dict.fromkeys(("srcc", "plcc", "krcc", "rmse"), math.nan))
     results = train(machinery_config(small_shards, tmp_path / "run", epochs=2))

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import handover
 from ..images import BadImage, open_rgb
 from ..config import ConfigError
-from ..pack import PackError, read_manifest
+from ..pack import PackError, read_manifest, resize_policy
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -457,6 +457,12 @@ def eval_positions(key: str, h: int, w: int, p: int, n: int, random_crop: bool,
     return list(zip(rng.integers(0, h - p + 1, n).tolist(), rng.integers(0, w - p + 1, n).tolist()))
 
 
+def resized(arr: np.ndarray, policy: str) -> np.ndarray:
+    """The image at the geometry of pack's ``--resize policy`` (unchanged when it is there)."""
+    img = None if policy == "none" else resize_policy(Image.fromarray(arr), policy)
+    return arr if img is None else np.asarray(img)
+
+
 def eval_crops(key: str, arr: np.ndarray, p: int, n: int, random_crop: bool = False,
                seed: int = 0) -> list[np.ndarray]:
     """The ``n`` evaluation crops of one decoded image (upsampled first when smaller than a patch)."""
@@ -469,10 +475,10 @@ class EvalPatches(IterableDataset):
     ranks and workers."""
 
     def __init__(self, split: Split, patch_num: int, patch_size: int, batch_size: int,
-                 rank: int, world: int, random_crop: bool = False, seed: int = 0) -> None:
+                 rank: int, world: int, random_crop: bool = False, seed: int = 0, resize: str = "none") -> None:
         self.split, self.patch_num, self.patch_size = split, patch_num, patch_size
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.random_crop, self.seed = random_crop, seed
+        self.random_crop, self.seed, self.resize = random_crop, seed, resize
 
     def __iter__(self) -> Iterator[Batch]:
         wid, nw = _worker()
@@ -483,7 +489,8 @@ class EvalPatches(IterableDataset):
         for sample in _read_in_order(self.split, mine):
             if sample.image is None:  # no skipping: metrics over fewer images would silently differ
                 raise ShardError(sample.problem)
-            for crop in eval_crops(sample.key, sample.image, p, self.patch_num, self.random_crop, self.seed):
+            image = resized(sample.image, self.resize)
+            for crop in eval_crops(sample.key, image, p, self.patch_num, self.random_crop, self.seed):
                 items.append((crop, sample.label, sample.key))
                 if len(items) == self.batch_size:
                     yield _collate(items)
@@ -494,9 +501,10 @@ class EvalPatches(IterableDataset):
 
 def eval_loader(split: Split, *, patch_num: int, patch_size: int, batch_size: int, rank: int,
                 world: int, workers: int, random_crop: bool = False, seed: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """``pin_memory`` as for ``train_loader``."""
-    dataset = EvalPatches(split, patch_num, patch_size, batch_size, rank, world, random_crop, seed)
+                pin_memory: bool = False, resize: str = "none") -> DataLoader:
+    """``pin_memory`` as for ``train_loader``; ``resize``: pack's policy applied to each image
+    first (the training set's geometry)."""
+    dataset = EvalPatches(split, patch_num, patch_size, batch_size, rank, world, random_crop, seed, resize)
     workers = min(workers, len(split))
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=_own_generator(seed),
                       prefetch_factor=2 if workers else None, pin_memory=pin_memory)
