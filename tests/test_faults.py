@@ -137,8 +137,8 @@ def test_a_bad_pixel_limit_is_one_line_at_start(small_shards, tmp_path, monkeypa
     (["--rounds", "0"], "--rounds 0: must be >= 1"),
     (["--shard_size", "0"], "--shard_size 0: must be >= 1"),
     (["--split", "0.5", "0.5", "0.5"], "--split 0.5 0.5 0.5: three fractions in 0-1 that add up to 1"),
-    (["--resize", "bogus"], "--resize bogus: unknown resize policy 'bogus'"),
-    (["--resize", "short:x"], "--resize short:x: "),
+    (["--resize", "bogus"], "--resize 'bogus': not one of none, seed, koniq, short:N"),
+    (["--resize", "short:0"], "--resize 'short:0': not one of none, seed, koniq, short:N"),
 ])
 def test_pack_checks_its_arguments_before_writing_anything(flags, problem, tmp_path, capsys):
     from iqa_dist.pack import main as pack_main
