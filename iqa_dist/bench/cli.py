@@ -14,7 +14,7 @@ from .data import bench_data
 from .ddp import bench_ddp, ddp_worker
 from .eval import bench_eval
 from .gpu import bench_gpu
-from .gpu_workers import gpu_loader_worker, gpu_train_worker
+from .gpu_workers import gpu_e2e_worker, gpu_loader_worker, gpu_train_worker
 from .step import bench_step
 from .sweep import bench_sweep
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ddp.add_argument("--repeats", type=int, default=3, help="runs of each, in turn; the median (default 3)")
 
     ev = sub.add_parser("eval", parents=[common], help="images/s: batched evaluation vs batch-1 reference")
-    _images_args(ev, images=32)
+    _images_args(ev, images=0)  # 0: EVAL_IMAGES
     ev.add_argument("--checkpoint", help="a trained run (default: an untrained --model_size model)")
     ev.add_argument("--model_size", default="micro")
     ev.add_argument("--batch_size", type=int, default=32)
@@ -52,21 +52,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     gpu = sub.add_parser("gpu", parents=[common], help="the one-command GPU check (on a CPU: a smoke run)")
     gpu.add_argument("--out", type=Path, default=Path("gpu_check"),
-                     help="folder for gpu_check.md, gpu_check.json and each part's log (default gpu_check)")
+                     help="folder for gpu_check.md, gpu_check.json, each part's folder and log (default gpu_check)")
     gpu.add_argument("--workers", type=int, default=0, help="loader workers (default: the CPUs we may use)")
     gpu.add_argument("--smoke", action="store_true", help="the CPU's tiny sizes, even on a GPU")
+    gpu.add_argument("--budget_s", type=float, help="seconds for the whole check; a part whose estimate exceeds "
+                     "what is left is skipped (default: 420 on a GPU, 7 minutes by our estimate; 900 smoke)")
 
-    train = sub.add_parser("gpu-train", parents=[common], help="internal: a training row of the GPU check")
+    train = sub.add_parser("gpu-train", parents=[common], help="internal: the training rows of the GPU check")
     _model_args(train, size="tiny", batch_size=32, iters=10)
+    train.add_argument("--batch_sizes", type=int, nargs="+", required=True)
+    train.add_argument("--shipped", type=int, default=0, help="the batch the configs train with on a GPU of 8")
     train.add_argument("--compile", default="none", help="none | inductor | aot_eager")
     train.add_argument("--mixed_precision", default="auto", help="auto | no | bf16 | fp16")
+    train.add_argument("--window_s", type=float, default=2.0, help="timed seconds at least (default 2)")
 
-    loader = sub.add_parser("gpu-loader", parents=[common], help="internal: the loader row of the GPU check")
-    loader.add_argument("--shards", type=Path, required=True)
-    loader.add_argument("--workers", type=int, default=usable_cpus())
-    loader.add_argument("--batch_size", type=int, default=96)
-    loader.add_argument("--patch_num", type=int, default=20, help="patches per image (default 20)")
-    loader.add_argument("--batches", type=int, default=4, help="timed batches per worker (default 4)")
+    for name, helptext in (("gpu-loader", "internal: the loader row of the GPU check"),
+                           ("gpu-e2e", "internal: the end-to-end row of the GPU check")):
+        loader = sub.add_parser(name, parents=[common], help=helptext)
+        loader.add_argument("--shards", type=Path, required=True)
+        loader.add_argument("--workers", type=int, default=usable_cpus())
+        loader.add_argument("--batch_size", type=int, default=96)
+        loader.add_argument("--patch_num", type=int, default=20, help="patches per image (default 20)")
+        loader.add_argument("--window_s", type=float, default=2.0, help="timed seconds at least (default 2)")
+        if name == "gpu-e2e":
+            loader.add_argument("--model_size", default="tiny")
+            loader.add_argument("--mixed_precision", default="auto", help="auto | no | bf16 | fp16")
+            loader.add_argument("--iters", type=int, default=10, help="timed steps at least (default 10)")
+            loader.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
 
     sweep = sub.add_parser("sweep", parents=[common], help="ASHA vs grid on the demo set")
     sweep.add_argument("--base", type=Path, default=REPO / "configs" / "demo.yaml", help="train config")
@@ -84,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _images_args(p: argparse.ArgumentParser, images: int) -> None:
     p.add_argument("--shards", type=Path, help="a packed set (default: build KonIQ-sized JPEGs)")
-    p.add_argument("--images", type=int, default=images, help=f"images to use (default {images})")
+    p.add_argument("--images", type=int, default=images,
+                   help=f"images to use (default {images or '256 on a GPU, 32 on a CPU'})")
     p.add_argument("--patch_num", type=int, default=20, help="patches per image (default 20)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
 
@@ -99,7 +112,7 @@ def _model_args(p: argparse.ArgumentParser, size: str, batch_size: int, iters: i
 BENCHES: dict[str, Callable[[argparse.Namespace], Result]] = {
     "data": bench_data, "step": bench_step, "ddp": bench_ddp, "ddp-worker": ddp_worker,
     "eval": bench_eval, "sweep": bench_sweep, "gpu": bench_gpu, "gpu-train": gpu_train_worker,
-    "gpu-loader": gpu_loader_worker}
+    "gpu-loader": gpu_loader_worker, "gpu-e2e": gpu_e2e_worker}
 
 
 def show(result: Result) -> None:

@@ -16,7 +16,7 @@ from ..config import Config
 from ..data.stream import Split, eval_loader, to_model_input
 from ..runtime import make_accelerator
 from ..scoring import predict_split
-from ..tools import load_trained, model_from_config
+from ..tools import load_trained, model_from_config, synchronize
 from .common import Result, target, use_device
 from .sets import ReferencePatches, bench_images, reference_dataset, sample_split
 
@@ -39,8 +39,12 @@ def eval_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
     return model_from_config(cfg).eval(), cfg
 
 
+EVAL_IMAGES = {"cuda": 256, "cpu": 32}  # on a GPU fewer are over in a blink, and launch costs weigh
+
+
 def bench_eval(args: argparse.Namespace) -> Result:
     use_device(args.device)
+    args.images = args.images or EVAL_IMAGES.get(torch.device(args.device).type, 32)
     model, cfg = eval_model(args)
     cfg = replace(cfg, test_patch_num=args.patch_num, workers=args.workers, test_random_crop=False,
                   mixed_precision="no")
@@ -52,6 +56,7 @@ def bench_eval(args: argparse.Namespace) -> Result:
 
 def _bench_eval(args: argparse.Namespace, model: nn.Module, cfg: Config, accelerator: Any, split: Split,
                 rows: list[dict]) -> Result:
+    warm_up(model, accelerator.device, (1, args.batch_size), cfg.patch_size)
     start = time.perf_counter()
     scored = predict_split(model, split, cfg, accelerator, args.batch_size)
     ours_s = time.perf_counter() - start
@@ -77,6 +82,16 @@ def _bench_eval(args: argparse.Namespace, model: nn.Module, cfg: Config, acceler
                   {"model_size": cfg.model_size, "patch_num": args.patch_num, "workers": args.workers,
                    "device": str(accelerator.device), "speedup": speedup, "ceiling": ceiling,
                    "ours_over_forward": of_forward})
+
+
+@torch.no_grad()
+def warm_up(model: nn.Module, device: torch.device, batch_sizes: tuple[int, ...], patch: int) -> None:
+    """A forward at each batch size, then a synchronize: CUDA's start-up, cuDNN's autotuning
+    and the first kernels' loading are nobody's evaluation time."""
+    dtype = next(model.parameters()).dtype
+    for n in batch_sizes:
+        model(torch.zeros(n, 3, patch, patch, device=device, dtype=dtype))
+    synchronize(device)
 
 
 @torch.no_grad()

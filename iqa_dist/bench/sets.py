@@ -10,7 +10,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -43,6 +42,8 @@ def sample_split(shards: Path, n: int) -> tuple[Split, list[dict]]:
 
 def stored_images(split: Split) -> Iterator[tuple[str, str, bytes]]:
     """(key, extension, bytes) of the split's images as the shards hold them."""
+    import webdataset as wds  # here, not at the top: a GPU image without it still runs the check
+
     for shard in split.shards:
         for sample in wds.tarfile_samples([{"url": str(shard)}]):
             if sample["__key__"] in split.keys:
