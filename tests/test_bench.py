@@ -182,3 +182,20 @@ def test_the_check_imports_without_what_the_gpu_image_lacks():
     done = run([sys.executable, "-c", code])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_gpu_check_trains_at_the_shipped_per_gpu_batches():
+    from iqa_dist.bench.gpu_parts import GPU_SIZES, SMOKE_SHIPPED, shipped_batch, train_part
+
+    assert [shipped_batch(m) for m in ("tiny", "base", "micro")] == [96 // 8, 32 // 8, SMOKE_SHIPPED]
+    cmd = train_part(GPU_SIZES, "base", "none", Path("part")).cmd
+    assert cmd[cmd.index("--batch_sizes") + 1:cmd.index("--shipped")] == ["4", "32", "96"]
+
+
+def test_gpu_check_uses_fewer_loader_workers_when_shared_memory_is_small():
+    from iqa_dist.bench.preflight import BUFFERS_PER_WORKER, loader_workers
+    from iqa_dist.models.hyperiqa import PATCH
+
+    per_worker = BUFFERS_PER_WORKER * 96 * PATCH * PATCH * 3
+    assert loader_workers(16, 96, 3 * per_worker + 1) == 3
+    assert loader_workers(16, 96, 100 * per_worker) == 16 and loader_workers(16, 96, None) == 16

@@ -6,7 +6,8 @@
 #   bash tests/gpu/check.sh [OUT_DIR [--smoke] [--workers N] [--budget_s S] [--collect DIR]]
 #   (OUT_DIR default: $OUT, else ./gpu_check)
 #
-# --collect DIR: the check ends within 9 minutes whatever happens (timeout), then DIR gets
+# --collect DIR: the check ends within 9 minutes whatever happens (timeout; GPU_CHECK_TIMEOUT_S
+# sets the seconds), then DIR gets
 # gpu_check.md, gpu_check.json and gpu_check_parts.tgz (the logs and each part's result
 # files, no checkpoints or shards): three files, for a machine that returns only a few.
 #
@@ -52,7 +53,7 @@ if [ -z "$collect" ]; then
     exit 0  # set -e: a failed check has exited with its status already
 fi
 status=0
-timeout --kill-after=10 540 "$python" -m iqa_dist.bench gpu --out "$out" "${args[@]}" || status=$?
+timeout --kill-after=10 "${GPU_CHECK_TIMEOUT_S:-540}" "$python" -m iqa_dist.bench gpu --out "$out" "${args[@]}" || status=$?
 mkdir -p "$collect"
 cp "$out"/gpu_check.md "$out"/gpu_check.json "$collect"/ || status=1
 (cd "$out" && tar czf "$collect/gpu_check_parts.tgz" logs $(find . -path './part-*' \( -name result.json -o \
