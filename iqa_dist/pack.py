@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -139,6 +138,8 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
     if tar_path.exists() and rows_path.exists():  # finished by an earlier run
         done = json.loads(rows_path.read_text())
         return tar_path.name, done["rows"], [Skipped(**s) for s in done["skipped"]]
+    import webdataset as wds  # here, not at the top: a GPU image without it still imports pack
+
     rows, skipped = [], []
     with atomic.temporary(tar_path) as tmp:
         with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: reproducible shards

@@ -4,6 +4,7 @@ Speeds are never asserted: they depend on the machine and its load.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -107,25 +108,94 @@ def test_gpu_check_smoke_mode(tmp_path):
     of the check is there with figures, in the JSON and in the Markdown table."""
     done = run(["bash", str(Path(__file__).parent / "gpu" / "check.sh"), str(tmp_path / "out"), "--smoke"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("pre-flight: Python ") and "/dev/shm" in done.stdout.splitlines()[0]
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     rows = {(r["part"], r["setting"].split(" (")[0]): r for r in result["rows"]}
     workers = f"{min(2, usable_cpus())} workers, batch 2"
     assert set(rows) == {("data", "8 KonIQ-sized photographs, packed --resize koniq"),
-                         ("train", "batch 2, compile none"), ("train", "batch 2, compile aot_eager"),
-                         ("loader", workers), ("eval", "4 images x 2 crops, batch 2, fp32"), ("launch", "DDP"),
-                         ("launch", "DeepSpeed ZeRO-2"), ("launch", "DeepSpeed ZeRO-3")}
+                         ("train", "batch 1"), ("train", "batch 2, compile none"),
+                         ("train", "batch 2, compile aot_eager"), ("loader", workers),
+                         ("end-to-end", f"batch 2, {min(2, usable_cpus())} loader workers, compile none"),
+                         ("eval", "4 images x 2 crops, batch 2, fp32"), ("launch", "DDP launch check"),
+                         ("launch", "DeepSpeed ZeRO-2 launch check"), ("launch", "DeepSpeed ZeRO-3 launch check")}
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows.values())
+    assert rows["train", "batch 1"]["setting"] == "batch 1 (the shipped per-GPU batch), compile none"
     for (part, _), r in rows.items():
-        if part == "train":
-            assert r["patches/s"] > 0 and r["peak GiB"] > 0 and r["first step s"] > 0
+        if part in ("train", "end-to-end"):
+            assert r["patches/s"] > 0 and r["peak alloc GiB"] > 0 and r["peak reserved GiB"] > 0
         if part == "launch":  # a real gloo process group, the steps asked, finish() done
-            assert r["detail"].startswith("backend gloo, 1 process, 2 steps,") and "finish()" in r["detail"]
+            assert r["detail"].startswith("backend gloo, 1 process, 2 steps,") and "no speed claimed" in r["detail"]
     assert rows["loader", workers]["patches/s"] > 0
     assert rows["eval", "4 images x 2 crops, batch 2, fp32"]["detail"].startswith("images/s: reference ")
     assert any(t.startswith("target evaluation: ours / the batch-1 reference") for t in result["targets"])
     assert result["figures"]["mode"].startswith("smoke") and set(result["figures"]["gpu_starved"]) == {"micro"}
-    assert any(t.startswith("target loader / micro training patches/s >= 1") for t in result["targets"])
+    assert any(t.startswith("target end-to-end / in-memory training patches/s") for t in result["targets"])
+    assert result["figures"]["complete"] and result["figures"]["preflight"]["packages"]["torch"] != "missing"
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     for r in result["rows"]:
         assert f"| {r['part']} | {r['model']} | {r['setting']} | ok |" in table
-    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 7  # one per part run as a process
+    assert len(list((tmp_path / "out" / "logs").glob("*.log"))) == 8  # one per part run as a process
+    assert len(list((tmp_path / "out").glob("part-*/result.json"))) == 5  # each part's folder is under out
+
+
+def test_gpu_check_skips_the_parts_its_budget_leaves_no_time_for(tmp_path):
+    """A budget that fits the packed set alone: the set is built, every other part has a
+    row saying it was skipped and why, and the table says the check is done."""
+    out = tmp_path / "out"
+    assert main(["gpu", "--smoke", "--out", str(out), "--budget_s", "10", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((out / "gpu_check.json").read_text())
+    data, *rest = result["rows"]
+    assert data["part"] == "data" and data["status"] == "ok" and len(rest) == 8
+    assert all(r["status"].startswith("skipped: needs about ") and "of --budget_s 10" in r["status"] for r in rest)
+    assert result["figures"]["complete"] and "skipped: needs about 15 s" in (out / "gpu_check.md").read_text()
+
+
+def test_gpu_check_tables_hold_every_part_done_before_the_next_starts(tmp_path, monkeypatch):
+    """gpu_check.md and .json are rewritten after every part: when a part starts, they
+    hold the rows of the parts before it and list it and the rest as not run yet."""
+    from iqa_dist.bench import gpu
+
+    seen = []
+
+    def fake_part(part, timeout, logs, env):
+        result = json.loads((tmp_path / "gpu_check.json").read_text())
+        assert (tmp_path / "gpu_check.md").read_text().count(gpu.NOT_RUN) == len(result["rows"]) - len(seen) - 1
+        seen.append([r["status"] for r in result["rows"]])
+        return [{"part": part.part, "model": part.model, "setting": part.setting, "status": "ok", "patches/s": 1.0,
+                 "speedup": 1.0}]
+
+    monkeypatch.setattr(gpu, "build_set", lambda *a: (tmp_path, {"part": "data", "status": "ok"}))
+    monkeypatch.setattr(gpu, "run_part", fake_part)
+    gpu.bench_gpu(argparse.Namespace(smoke=True, out=tmp_path, budget_s=None, workers=1))
+    assert [statuses.count("ok") for statuses in seen] == list(range(1, 9))  # the data row, then one more each
+    assert all(len(statuses) == 9 for statuses in seen)
+    assert gpu.NOT_RUN not in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_check_imports_without_what_the_gpu_image_lacks():
+    """The GPU machine's image has no webdataset, deepspeed, ray or transformers: the
+    bench, the packer and training import without them (each is imported where used)."""
+    lacking = ["webdataset", "deepspeed", "ray", "transformers", "matplotlib"]
+    code = (f"import sys; sys.modules.update(dict.fromkeys({lacking!r}))\n"  # None: 'No module named ...'
+            "import iqa_dist.bench, iqa_dist.bench.gpu, iqa_dist.pack, iqa_dist.train\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {lacking!r} and sys.modules[m]))")
+    done = run([sys.executable, "-c", code])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_gpu_check_trains_at_the_shipped_per_gpu_batches():
+    from iqa_dist.bench.gpu_parts import GPU_SIZES, SMOKE_SHIPPED, shipped_batch, train_part
+
+    assert [shipped_batch(m) for m in ("tiny", "base", "micro")] == [96 // 8, 32 // 8, SMOKE_SHIPPED]
+    cmd = train_part(GPU_SIZES, "base", "none", Path("part")).cmd
+    assert cmd[cmd.index("--batch_sizes") + 1:cmd.index("--shipped")] == ["4", "32", "96"]
+
+
+def test_gpu_check_uses_fewer_loader_workers_when_shared_memory_is_small():
+    from iqa_dist.bench.preflight import BUFFERS_PER_WORKER, loader_workers
+    from iqa_dist.models.hyperiqa import PATCH
+
+    per_worker = BUFFERS_PER_WORKER * 96 * PATCH * PATCH * 3
+    assert loader_workers(16, 96, 3 * per_worker + 1) == 3
+    assert loader_workers(16, 96, 100 * per_worker) == 16 and loader_workers(16, 96, None) == 16
