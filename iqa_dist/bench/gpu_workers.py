@@ -53,7 +53,7 @@ def reset_peak(device: torch.device) -> None:
 def check_trainer(args: argparse.Namespace, batch_size: int, compile_: str = "none") -> SimpleNamespace:
     cfg = Config(model_size=args.model_size, batch_size=batch_size, compile=compile_,
                  mixed_precision=args.mixed_precision)
-    set_determinism(cfg)  # TF32 and cuDNN autotuning, as training sets them
+    set_determinism(cfg)  # seeds, as training sets them (make_accelerator turns on TF32 and autotuning)
     return step_trainer(model_from_config(cfg), cfg, make_accelerator(cfg))
 
 
