@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import atomic
 from . import checkpoint as ckpt
-from .config import RUN_KEYS, Config, ConfigError, for_world, parse_config, save_yaml, to_dict
+from .config import RUN_KEYS, Config, ConfigError, check_pretrained, for_world, parse_config, save_yaml, to_dict
 from .data.jitter import draw as draw_jitter, jittered
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .images import max_pixels
@@ -145,6 +145,7 @@ class State:
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) -> None:
         self.given, self.callbacks = cfg, list(callbacks)  # ``given`` is what config.yaml records
+        check_pretrained(cfg)  # before anything is built or written
         self.accelerator = make_accelerator(cfg)
         world = self.accelerator.num_processes
         cfg = self.cfg = for_world(cfg, world)

@@ -52,7 +52,7 @@ import ray
 import yaml
 from ray import tune
 
-from .config import FIELDS, Config, ConfigError, from_dict, load_yaml, save_yaml, to_dict
+from .config import FIELDS, Config, ConfigError, check_pretrained, from_dict, load_yaml, save_yaml, to_dict
 from .runlock import NAME as LOCK_NAME
 from .runlock import LockedError, RunLock
 
@@ -157,6 +157,10 @@ def parse_base(raw: dict, where: str) -> Config:
     cfg = from_dict(overrides, cfg, where=f"{where}: overrides")
     if cfg.rounds != 1:
         raise ConfigError(f"{where}: base: rounds must be 1 in a sweep (one split per trial)")
+    try:
+        check_pretrained(cfg)  # here, not in every trial
+    except ConfigError as err:
+        raise ConfigError(f"{where}: base: {err}") from None
     return absolute_paths(cfg)
 
 
