@@ -50,10 +50,12 @@ class Config:
     lr_ratio: float = 10.0  # hyper network lr = lr * lr_ratio
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | adam (L2 weight decay, as the original HyperIQA)
-    lr_scheduler: str = "cosine"  # cosine | step | hyperiqa (the original's step rule) | none
+    # cosine | step (the seed's: hyper network / 10 every 6 epochs from epoch 8, backbone constant)
+    # | hyperiqa (the original's: step, and the hyper network's ratio 1 from epoch 11) | none
+    lr_scheduler: str = "cosine"
     eta_min_ratio: float = 0.01  # cosine floor, relative to each group's lr
-    step_size: int = 6  # step schedule: epochs between decays
-    step_gamma: float = 0.1
+    step_size: int = 6  # step and hyperiqa: epochs between decays of the hyper network's lr
+    step_gamma: float = 0.1  # step and hyperiqa: factor of each decay
     warmup_epochs: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     grad_accum: int = 1
