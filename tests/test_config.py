@@ -1,12 +1,13 @@
 """Configuration: YAML + command line, the original flag names, clear errors."""
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from iqa_dist.config import (_HINTS, _RANGES, Config, ConfigError, for_world, from_dict, load_yaml, parse_config,
-                             save_yaml)
+from iqa_dist.config import (_HINTS, _RANGES, Config, ConfigError, check_pretrained, for_world, from_dict, load_yaml,
+                             parse_config, save_yaml)
 from iqa_dist.models.backbones import BACKBONES
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -182,3 +183,17 @@ def test_values_that_used_to_hang_training_end_at_once(flag, value):
     assert done.returncode == 2
     assert done.stderr.strip().endswith(f"error: --{flag} {value}: must be >= 1 (see --help)")
     assert done.stderr.count("\n") == 1
+
+
+def test_readme_reproduction_commands_parse():
+    """The README's "Reproducing the seed" training jobs: each config with its arguments is a
+    run the trainer accepts, on pretrained weights, three rounds."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    section = readme.split("## Reproducing the seed", 1)[1].split("\n## ", 1)[0]
+    jobs = re.findall(r'IQA_CONFIG=(configs/\S+) IQA_RUN_DIR=\S+ \\\n\s+IQA_ARGS="([^"]*)"', section)
+    assert [config for config, _ in jobs] == ["configs/tiny.yaml", "configs/base.yaml"]
+    for config, args in jobs:
+        cfg = parse_config(["--config", str(CONFIGS.parent / config), *args.split()])
+        check_pretrained(cfg)
+        assert cfg.rounds == 3 and cfg.pretrained_path.endswith(f"{BACKBONES[cfg.model_size].timm_name}.safetensors")
+    assert "0.9316" in section and "test-selected" in (CONFIGS / "base.yaml").read_text()
