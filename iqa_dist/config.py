@@ -34,8 +34,10 @@ class Config:
     attention_fusion: bool = False  # experimental, rejected in the original ablation
     dropout_rate: float = 0.3
     drop_path_rate: float = 0.2
-    pretrained: bool = False  # backbone weights from timm's hub (needs network)
-    pretrained_path: str | None = None  # local .pth/.safetensors backbone weights
+    # ImageNet backbone weights, from timm's hub (needs network) or pretrained_path. Unset (None)
+    # is refused for the fine-tuning backbones: see check_pretrained
+    pretrained: bool | None = None
+    pretrained_path: str | None = None  # local .pth/.safetensors file, or a folder of python -m iqa_dist.weights files
     # -- loss
     ranking_loss_alpha: float = 0.5
     ranking_loss_margin: float = 0.1
@@ -48,10 +50,12 @@ class Config:
     lr_ratio: float = 10.0  # hyper network lr = lr * lr_ratio
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | adam (L2 weight decay, as the original HyperIQA)
-    lr_scheduler: str = "cosine"  # cosine | step | hyperiqa (the original's step rule) | none
+    # cosine | step (the seed's: hyper network / 10 every 6 epochs from epoch 8, backbone constant)
+    # | hyperiqa (the original's: step, and the hyper network's ratio 1 from epoch 11) | none
+    lr_scheduler: str = "cosine"
     eta_min_ratio: float = 0.01  # cosine floor, relative to each group's lr
-    step_size: int = 6  # step schedule: epochs between decays
-    step_gamma: float = 0.1
+    step_size: int = 6  # step and hyperiqa: epochs between decays of the hyper network's lr
+    step_gamma: float = 0.1  # step and hyperiqa: factor of each decay
     warmup_epochs: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     grad_accum: int = 1
@@ -128,6 +132,26 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
+# Backbones small enough to learn from scratch on a CPU (the demo, the tests); every other
+# one is fine-tuned from ImageNet weights, as the seed and the original HyperIQA did
+FROM_SCRATCH_SIZES = ("micro", "mobilenet")
+
+
+def _is_switch(name: str) -> bool:
+    """A boolean key (``pretrained`` may also be left unset): ``--x`` and ``--no_x`` flags."""
+    return _HINTS[name] in (bool, bool | None)
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Refuse a run of a fine-tuning backbone that would silently start from random weights:
+    at a fine-tuning lr it learns little, and nothing says why."""
+    if cfg.pretrained is False and cfg.pretrained_path:
+        raise ConfigError(f"pretrained: false contradicts pretrained_path {cfg.pretrained_path!r}; "
+                          "drop one of them")
+    if cfg.pretrained is None and not cfg.pretrained_path and cfg.model_size not in FROM_SCRATCH_SIZES:
+        raise ConfigError(f"pretrained: not set for model_size {cfg.model_size}; set pretrained: true "
+                          "(ImageNet weights; pretrained_path: FILE for a local copy, see python -m "
+                          "iqa_dist.weights) or pretrained: false to train it from random weights")
 
 
 def _nearest(name: str) -> str:
@@ -191,7 +215,7 @@ def from_dict(values: dict[str, Any], base: Config | None = None, where: str = "
             key, value = _ALIASES[key] if value else (key, None)
             if value is None:
                 continue
-        elif key.startswith("no_") and key[3:] in FIELDS and _HINTS[key[3:]] is bool:
+        elif key.startswith("no_") and key[3:] in FIELDS and _is_switch(key[3:]):
             key, value = key[3:], not value
         if key not in FIELDS:
             raise ConfigError(f"{where}: unknown key {key!r}{_nearest(key)}")
@@ -290,7 +314,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run configuration (override the YAML)")
     for name, f in FIELDS.items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if _HINTS[name] is bool:
+        if _is_switch(name):
             group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS,
                                help=f"(default {default})")
             group.add_argument(f"--no_{name}", action="store_true", default=argparse.SUPPRESS)

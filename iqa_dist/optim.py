@@ -56,7 +56,7 @@ class LrSchedule:
 
     def __init__(self, cfg: Config, steps_per_epoch: int, hyper: bool) -> None:
         self.kind = cfg.lr_scheduler
-        self.hyper = hyper  # a hyper-network group (the hyperiqa rule decays only those)
+        self.hyper = hyper  # a hyper-network group (step and hyperiqa decay only those)
         self.steps_per_epoch = steps_per_epoch
         self.epochs = cfg.epochs
         self.eta_min_ratio = cfg.eta_min_ratio
@@ -67,29 +67,43 @@ class LrSchedule:
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        epoch = step / self.steps_per_epoch
         if self.kind == "cosine":
             t = min(1.0, (step - self.warmup_steps) / max(1, self.epochs * self.steps_per_epoch - self.warmup_steps))
             return self.eta_min_ratio + (1 - self.eta_min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        if self.kind == "step":
-            return self.step_gamma ** int(epoch // self.step_size)
-        if self.kind == "hyperiqa" and self.hyper:
-            return self.hyperiqa(step // self.steps_per_epoch)
-        return 1.0
+        if self.kind in ("step", "hyperiqa") and self.hyper:
+            return self.decay(step // self.steps_per_epoch)
+        return 1.0  # none, and the backbone under step and hyperiqa
 
-    def hyperiqa(self, epoch: int) -> float:
-        """The original's rule: after each epoch t it sets the hyper network's lr for the next
-        to lr / 10**(t // 6) * ratio, with the ratio dropped from lr_ratio to 1 once t > 8;
-        the backbone keeps lr. Relative to the group's initial lr * lr_ratio."""
+    def decay(self, epoch: int) -> float:
+        """The hyper network's lr in ``epoch`` (0-based), relative to its initial lr * lr_ratio.
+
+        Both rules come from the original HyperIQA's loop: after epoch t it sets the next
+        epoch's hyper lr to lr * lr_ratio * step_gamma ** (t // step_size) (with the defaults
+        6 and 0.1: lr / 10 from epoch 8 counted from 1, lr / 100 from epoch 14) and keeps the
+        backbone at lr. ``step`` is the seed's rule, which stops there; ``hyperiqa`` is the
+        original's, which also drops the ratio from lr_ratio to 1 once t > 8."""
         if epoch == 0:
             return 1.0
         t = epoch - 1
-        ratio = self.lr_ratio if t <= 8 else 1.0
-        return ratio / self.lr_ratio / 10 ** (t // 6)
+        factor = self.step_gamma ** (t // self.step_size)
+        if self.kind == "hyperiqa" and t > 8 and self.lr_ratio:
+            factor /= self.lr_ratio
+        return factor
+
+
+def restarts_each_epoch(cfg: Config) -> bool:
+    """The loops behind step and hyperiqa re-create their optimiser every epoch (to set the new
+    lr): its moments start again from zero."""
+    return cfg.lr_scheduler in ("step", "hyperiqa")
+
+
+def reset_moments(optimizer: torch.optim.Optimizer) -> None:
+    """What re-creating the optimiser does to its state; Adam(W) starts it again at the next step."""
+    optimizer.state.clear()
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """One schedule per parameter group: the hyperiqa rule treats backbone and hyper apart."""
+    """One schedule per parameter group: step and hyperiqa treat backbone and hyper apart."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, [LrSchedule(cfg, steps_per_epoch, is_hyper(group)) for group in optimizer.param_groups])

@@ -26,10 +26,10 @@ class Trained(NamedTuple):
 
 def model_from_config(cfg: Config, pretrained: bool = False) -> HyperIQA:
     """The model a configuration describes; its pretrained backbone weights only when asked
-    (not when trained weights are loaded next)."""
+    (not when trained weights are loaded next): the local file if named, else timm's hub."""
     return create_model(cfg.model_size, multiscale=cfg.multiscale, attention_fusion=cfg.attention_fusion,
                         dropout_rate=cfg.dropout_rate, drop_path_rate=cfg.drop_path_rate,
-                        pretrained=pretrained and cfg.pretrained,
+                        pretrained=pretrained and bool(cfg.pretrained),
                         pretrained_path=cfg.pretrained_path if pretrained else None)
 
 

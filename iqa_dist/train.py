@@ -39,13 +39,13 @@ from tqdm import tqdm
 
 from . import atomic
 from . import checkpoint as ckpt
-from .config import RUN_KEYS, Config, ConfigError, for_world, parse_config, save_yaml, to_dict
+from .config import RUN_KEYS, Config, ConfigError, check_pretrained, for_world, parse_config, save_yaml, to_dict
 from .data.jitter import draw as draw_jitter, jittered
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
 from .losses import global_iqa_loss
-from .optim import base_lr, build_scheduler, is_hyper
+from .optim import base_lr, build_scheduler, is_hyper, reset_moments, restarts_each_epoch
 from .runlock import NAME as LOCK_NAME
 from .runlock import LockedError, RunLock
 from .runtime import compiled, make_accelerator, placed, set_determinism, shards_path
@@ -145,6 +145,7 @@ class State:
 class Trainer:
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) -> None:
         self.given, self.callbacks = cfg, list(callbacks)  # ``given`` is what config.yaml records
+        check_pretrained(cfg)  # before anything is built or written
         self.accelerator = make_accelerator(cfg)
         world = self.accelerator.num_processes
         cfg = self.cfg = for_world(cfg, world)
@@ -354,6 +355,8 @@ class Trainer:
     def train_epoch(self) -> float:
         st = self.state
         self.loader.dataset.set_epoch(st.epoch)
+        if st.step_in_epoch == 0 and restarts_each_epoch(self.cfg):  # not mid-epoch: a resumed one keeps them
+            reset_moments(self.optimizer)
         bar = tqdm(total=self.steps, initial=st.step_in_epoch, disable=not self.main,
                    desc=f"epoch {st.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True, leave=False)
         try:

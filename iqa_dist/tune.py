@@ -8,23 +8,31 @@ Every trial is one ``iqa_dist.train.train`` run that reports each epoch's valida
 metrics and checkpoint to Tune; a retried, resumed or (PBT) exploiting trial continues
 from its Tune checkpoint. Selection uses the validation split only. Results land in
 ``<storage_path>/<name>/``: results.csv/.parquet (one row per trial), best_config.yaml
-(a train config, ready for ``python -m iqa_dist.train --config``) and sweep.png; each
-trial's training run is in ``trial_<id>/run`` and the epochs it trained in ``trial_<id>/epochs.csv``.
+(the base recipe with the best trial's values, ready for ``python -m iqa_dist.train --config``)
+and sweep.png; each trial's training run is in ``trial_<id>/run`` and the epochs it trained
+in ``trial_<id>/epochs.csv``.
+
+Trials report ``val_srcc_best``, the best validation SRCC so far (of the weights the trial
+holds: a restarted or PBT-cloned trial inherits it with them), and ASHA and PBT compare that
+by default: this recipe peaks in its first epochs and then declines, so the current epoch's
+score would stop the trial holding the best weights.
 
 Sweep YAML keys (all optional but ``base`` or ``overrides`` naming a data set):
 
     base: configs/tiny.yaml        # train config every trial starts from (paths: from the cwd)
-    overrides: {epochs: 12}        # train Config keys applied to every trial
+    overrides: {epochs: 12}        # train Config keys applied to every trial; the trial budget
+                                   # (TRIAL_ONLY: epochs, patience ...) stays out of best_config.yaml
     space:                         # default: dropout_rate, drop_path_rate, lr, ranking_loss_alpha
       lr: {type: loguniform, low: 1.0e-6, high: 1.0e-4}   # also uniform; num: N for search grid
       ranking_loss_alpha: {type: choice, values: [0.0, 0.5, 1.0]}  # also grid; randint low..high
+      model_size: {type: choice, values: [tiny, small]}   # pretrained_path: a folder of both files
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}  # pbt: perturbation_interval; none
     search: random                 # or grid: every axis enumerated (choice values, range num points)
     num_samples: 8                 # random draws (grid: repeats of the grid)
     max_concurrent: 2
     resources_per_trial: {cpu: 4, gpu: 1}
     max_failures: 2                # retries of a failed trial, from its last checkpoint
-    metric: val_srcc
+    metric: val_srcc_best          # or val_srcc, val_plcc, val_krcc, val_rmse (the epoch's)
     mode: max
     storage_path: sweeps           # local or shared file system (every node must see it)
     name: my-sweep
@@ -52,7 +60,8 @@ import ray
 import yaml
 from ray import tune
 
-from .config import FIELDS, Config, ConfigError, from_dict, load_yaml, save_yaml, to_dict
+from .checkpoint import read_trainer_state
+from .config import FIELDS, Config, ConfigError, check_pretrained, from_dict, load_yaml, save_yaml, to_dict
 from .runlock import NAME as LOCK_NAME
 from .runlock import LockedError, RunLock
 
@@ -78,7 +87,10 @@ SCHEDULER_FIELDS = {
 SWEEP_KEYS = ("base", "overrides", "space", "scheduler", "search", "num_samples", "max_concurrent",
               "resources_per_trial", "max_failures", "metric", "mode", "storage_path", "name")
 SET_BY_SWEEP = ("run_dir", "resume", "rounds", "overwrite", "allow_changed")  # per trial, or meaningless in one
+# Overrides that size a trial, not the recipe: best_config.yaml takes these from the base
+TRIAL_ONLY = ("epochs", "patience", "early_stopping", "max_steps_per_epoch", "plots", "workers", "threads")
 VAL_METRICS = ("val_srcc", "val_plcc", "val_krcc", "val_rmse")  # never a test metric
+RUNNING_BEST = "val_srcc_best"  # the best val SRCC so far: the one the run's best weights have
 EPOCH_LOG = "epochs.csv"  # in each trial's directory: every epoch the trial trained
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps a local Ray on 127.0.0.1
@@ -92,10 +104,12 @@ RAY_ENV = {
 
 @dataclass
 class Sweep:
-    """A checked sweep: the base train config with absolute paths, and how to search."""
+    """A checked sweep: the train config of every trial (base + overrides, absolute paths), the
+    recipe that best_config.yaml completes (base + overrides but the trial budget), and how to search."""
 
     base: Config
     space: dict[str, dict[str, Any]]
+    recipe: Config = field(default_factory=Config)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
     search: str = "random"
     num_samples: int = 8
@@ -103,7 +117,7 @@ class Sweep:
     cpu: float = 1.0
     gpu: float = 0.0
     max_failures: int = 1
-    metric: str = "val_srcc"
+    metric: str = RUNNING_BEST
     mode: str = "max"
     storage_path: str = "sweeps"
     name: str = "sweep"
@@ -111,6 +125,11 @@ class Sweep:
     @property
     def experiment_dir(self) -> Path:
         return Path(self.storage_path).absolute() / self.name
+
+    @property
+    def epoch_metric(self) -> str:
+        """The per-epoch column the results rank trials on (their best epoch's value)."""
+        return "val_srcc" if self.metric == RUNNING_BEST else self.metric
 
 
 # ---------------------------------------------------------------- parsing
@@ -144,7 +163,8 @@ def absolute_paths(cfg: Config) -> Config:
                    pretrained_path=cfg.pretrained_path and str(Path(cfg.pretrained_path).absolute()))
 
 
-def parse_base(raw: dict, where: str) -> Config:
+def parse_base(raw: dict, where: str) -> tuple[Config, Config]:
+    """The trials' config (base + overrides) and the recipe (base + overrides but TRIAL_ONLY)."""
     base = _typed(raw, "base", (str, os.PathLike), None, where)
     overrides = _typed(raw, "overrides", dict, {}, where)
     for key in SET_BY_SWEEP:
@@ -154,10 +174,19 @@ def parse_base(raw: dict, where: str) -> Config:
         cfg = load_yaml(base) if base else Config()
     except ConfigError as err:
         raise ConfigError(f"{where}: base: {err}") from None
+    recipe = from_dict({k: v for k, v in overrides.items() if k not in TRIAL_ONLY}, cfg, where=f"{where}: overrides")
     cfg = from_dict(overrides, cfg, where=f"{where}: overrides")
     if cfg.rounds != 1:
         raise ConfigError(f"{where}: base: rounds must be 1 in a sweep (one split per trial)")
-    return absolute_paths(cfg)
+    _check_pretrained(cfg, f"{where}: base")  # here, not in every trial
+    return absolute_paths(cfg), absolute_paths(recipe)
+
+
+def _check_pretrained(cfg: Config, where: str) -> None:
+    try:
+        check_pretrained(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def parse_axis(key: str, spec: Any, base: Config, where: str) -> dict[str, Any]:
@@ -180,7 +209,7 @@ def parse_axis(key: str, spec: Any, base: Config, where: str) -> dict[str, Any]:
                                  for k in ("low", "high")):
         raise ConfigError(f"{where}: low and high must be numbers")
     for value in candidates(spec):
-        from_dict({key: value}, base, where=where)
+        _check_pretrained(from_dict({key: value}, base, where=where), where)  # model_size: each size
     if "low" in spec and not (spec["low"] < spec["high"] and (spec["type"] != "loguniform" or spec["low"] > 0)):
         raise ConfigError(f"{where}: needs 0 < low < high for loguniform, low < high otherwise")
     if "num" in spec and (not isinstance(spec["num"], int) or spec["num"] < 1):
@@ -217,7 +246,7 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
     for key in raw:
         if key not in SWEEP_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r}{_nearest(key, SWEEP_KEYS)}")
-    base = parse_base(raw, where)
+    base, recipe = parse_base(raw, where)
     space = _typed(raw, "space", dict, DEFAULT_SPACE, where)
     search = _one_of(raw, "search", ("random", "grid"), "random", where)
     axes = {key: parse_axis(key, spec, base, where) for key, spec in space.items()}
@@ -230,16 +259,21 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
     if extra:
         raise ConfigError(f"{where}: resources_per_trial.{extra[0]}: only cpu and gpu can be given")
     sweep = Sweep(
-        base=base, space=axes, scheduler=parse_scheduler(raw, where), search=search,
+        base=base, recipe=recipe, space=axes, scheduler=parse_scheduler(raw, where), search=search,
         num_samples=_typed(raw, "num_samples", int, 1 if search == "grid" else 8, where),
         max_concurrent=_typed(raw, "max_concurrent", int, None, where),
         cpu=float(_typed(resources, "cpu", (int, float), 1, f"{where}: resources_per_trial")),
         gpu=float(_typed(resources, "gpu", (int, float), 0, f"{where}: resources_per_trial")),
         max_failures=_typed(raw, "max_failures", int, 1, where),
-        metric=_one_of(raw, "metric", VAL_METRICS, "val_srcc", where),
+        metric=_one_of(raw, "metric", (RUNNING_BEST, *VAL_METRICS), RUNNING_BEST, where),
         mode=_one_of(raw, "mode", ("max", "min"), "max", where),
         storage_path=str(_typed(raw, "storage_path", (str, os.PathLike), "sweeps", where)),
         name=_typed(raw, "name", str, "sweep", where))
+    if sweep.metric == RUNNING_BEST and sweep.mode != "max":
+        raise ConfigError(f"{where}: mode: {RUNNING_BEST} is the highest val SRCC so far: mode max")
+    if sweep.scheduler["type"] == "pbt" and "model_size" in axes:
+        raise ConfigError(f"{where}: space.model_size: PBT would change a trial's model mid-run, which its "
+                          "checkpoint cannot follow; search it with asha or none")
     if sweep.num_samples < 1 or (sweep.max_concurrent or 1) < 1 or sweep.cpu <= 0:
         raise ConfigError(f"{where}: num_samples, max_concurrent and resources_per_trial.cpu must be positive")
     return sweep
@@ -409,7 +443,9 @@ def report_epoch(log: Path, epoch: int, row: dict[str, float], checkpoint_dir: P
     The log is what the trial computed, restarts included; Tune's progress.csv and
     result.json can lose rows when a trial restarts (it copies them back from storage). The
     run's best weights travel in the checkpoint (as best/), so that a trial restarted
-    elsewhere or cloned by PBT still has the weights it selected."""
+    elsewhere or cloned by PBT still has the weights it selected, and the best val SRCC so far
+    (RUNNING_BEST) comes from the checkpoint's trainer state, which travels with them."""
+    row = dict(row, **{RUNNING_BEST: read_trainer_state(checkpoint_dir)["best_srcc"]})
     append_row(log, dict(row, node=socket.gethostname()))  # where it ran: a retried trial may move
     stage = checkpoint_dir.parent / ".tune-report"  # hard links: no copy of the weights
     shutil.rmtree(stage, ignore_errors=True)
@@ -497,21 +533,23 @@ def trial_table(grid: tune.ResultGrid, params: Sequence[str], metric: str = "val
 
 
 def best_config(table: pd.DataFrame, sweep: Sweep) -> Config | None:
-    """The base config with the best trial's values: what to train for real."""
-    column = f"best_{sweep.metric}"
+    """The recipe with the best trial's values: what to train for real (the base's epochs,
+    patience and early stopping, not the trials' budget)."""
+    column = f"best_{sweep.epoch_metric}"
     scored = table[table[column].notna()]
     if scored.empty:
         return None
     row = scored.loc[scored[column].idxmax() if sweep.mode == "max" else scored[column].idxmin()]
     values = {key: row[key].item() if hasattr(row[key], "item") else row[key] for key in sweep.space}
-    return replace(from_dict(values, sweep.base), run_dir=None, resume=None)
+    return replace(from_dict(values, sweep.recipe), run_dir=None, resume=None)
 
 
 def plot_sweep(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: Sweep, path: Path) -> None:
     """Validation metric against each searched value, and every trial's learning curve."""
     from .plots import plt
 
-    column = f"best_{sweep.metric}"
+    metric = sweep.epoch_metric
+    column = f"best_{metric}"
     keys = list(sweep.space)
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -524,9 +562,9 @@ def plot_sweep(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: S
         ax.set(xlabel=key, ylabel=column)
     ax = axes[0][-1]
     for trial_id, hist in histories.items():
-        if len(hist) and sweep.metric in hist:
-            ax.plot(hist["epoch"], hist[sweep.metric], marker=".", alpha=0.7, label=trial_id)
-    ax.set(xlabel="epoch", ylabel=sweep.metric, title="learning curves")
+        if len(hist) and metric in hist:
+            ax.plot(hist["epoch"], hist[metric], marker=".", alpha=0.7, label=trial_id)
+    ax.set(xlabel="epoch", ylabel=metric, title="learning curves")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -534,7 +572,7 @@ def plot_sweep(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: S
 
 def write_outputs(grid: tune.ResultGrid, sweep: Sweep) -> pd.DataFrame:
     out = sweep.experiment_dir
-    table = trial_table(grid, list(sweep.space), sweep.metric, sweep.mode)
+    table = trial_table(grid, list(sweep.space), sweep.epoch_metric, sweep.mode)
     table.to_parquet(out / "results.parquet", index=False)
     table.to_csv(out / "results.csv", index=False)
     best = best_config(table, sweep)
@@ -573,7 +611,7 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
 
 
 def summary(table: pd.DataFrame, sweep: Sweep) -> str:
-    column = f"best_{sweep.metric}"
+    column = f"best_{sweep.epoch_metric}"
     keep = ["trial_id", "status", *sweep.space, column, "best_epoch", "compute_epochs", "compute_s",
             "node", "retried"]
     shown = table[keep].sort_values(column, ascending=sweep.mode == "min", na_position="last")

@@ -224,14 +224,14 @@ def test_every_native_layout_packs(name, tmp_path):
     assert verify(out) == []
 
 
-def test_koniq_official_split_is_round_zero(tmp_path):
+def test_koniq_official_split_is_every_round(tmp_path):
     from layouts import make_koniq
 
     root = make_koniq(tmp_path / "src", n=9)
     out = tmp_path / "out"
-    pack("koniq-10k", root, out, PackOptions(rounds=2), workers=0)
+    pack("koniq-10k", root, out, PackOptions(rounds=3), workers=0)
     rows = _manifest(out)
-    assert all(r["split_0"] == r["official_split"] for r in rows)
+    assert all(r[f"split_{i}"] == r["official_split"] for r in rows for i in range(3))
     assert {r["split_0"] for r in rows} == {"train", "val", "test"}
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,8 +25,9 @@ from torch import nn
 
 from iqa_dist.checkpoint import EXIT_PREEMPTED
 from iqa_dist.config import Config, ConfigError, from_dict
+from iqa_dist.data.stream import load_split
 from iqa_dist.optim import build_optimizer, build_scheduler
-from iqa_dist.pack import read_manifest
+from iqa_dist.pack import PackOptions, pack, read_manifest
 from iqa_dist.train import Preempted, Trainer, train
 from iqa_dist.train import main as train_main
 from conftest import free_port
@@ -287,6 +289,40 @@ def test_rounds_report_median_and_spread(small_shards, tmp_path):
     assert rounds == [0, 1] and test_keys[0] != test_keys[1]  # each round tested other images
 
 
+class SplitRecorder:
+    """Stands in for the Trainer in train_rounds: records each round's seed and splits."""
+
+    seen: list[tuple[int, list[frozenset]]] = []
+
+    def __init__(self, cfg: Config, callbacks, lock: bool = True) -> None:
+        splits = [load_split(cfg.dataset, name, cfg.split_round).keys for name in ("train", "val", "test")]
+        SplitRecorder.seen.append((cfg.seed, splits))
+        self.liveness, self.lock = None, None
+        self.accelerator = SimpleNamespace(end_training=lambda: None)
+        self.stop = SimpleNamespace(restore=lambda: None)
+
+    def fit(self) -> dict:
+        return {"test": {"srcc": 0.5, "plcc": 0.5}}
+
+
+def test_rounds_on_an_official_split_vary_the_seed_not_the_split(small_shards, tmp_path, monkeypatch):
+    from layouts import make_koniq
+
+    official = tmp_path / "koniq"
+    pack("koniq-10k", make_koniq(tmp_path / "src", n=9), official, PackOptions(rounds=3), workers=0)
+    monkeypatch.setattr("iqa_dist.train.Trainer", SplitRecorder)
+    official_train = frozenset(r["key"] for r in read_manifest(official) if r["official_split"] == "train")
+    for shards in (official, small_shards):
+        SplitRecorder.seen = []
+        train(Config(dataset=str(shards), rounds=2, seed=5, run_dir=str(tmp_path / shards.name)))
+        (seed_0, splits_0), (seed_1, splits_1) = SplitRecorder.seen
+        assert (seed_0, seed_1) == (5, 6)
+        if shards == official:
+            assert splits_0 == splits_1 and splits_0[0] == official_train
+        else:
+            assert splits_0 != splits_1  # a random-split set: another split each round
+
+
 def test_nan_loss_stops_with_a_clear_message(small_shards, tmp_path):
     # one log window longer than the epoch: the check at the epoch's end still comes first
     out = run(train_cmd(machinery_args(small_shards, tmp_path / "run", "--lr", "1e30", "--epochs", "2",
@@ -481,24 +517,28 @@ class TwoParts(nn.Module):
         self.backbone, self.hyper = nn.Linear(2, 2), nn.Linear(2, 2)
 
 
-def original_hyper_lrs(lr: float, lrratio: float, epochs: int) -> list[float]:
-    """The hyper network's lr in each epoch, by the original HyperIQA's loop: after epoch t,
-    lr_t = lr / 10**(t // 6); if t > 8: lrratio = 1; the hyper groups get lr_t * lrratio."""
+def loop_hyper_lrs(lr: float, lrratio: float, epochs: int, original: bool) -> list[float]:
+    """The hyper network's lr in each epoch, by the training loops: after epoch t,
+    lr_t = lr / 10**(t // 6) and the hyper groups get lr_t * lrratio; the original HyperIQA
+    also sets lrratio = 1 once t > 8, the seed's ``step`` does not."""
     lrs, hyper = [], lr * lrratio
     for t in range(epochs):
         lrs.append(hyper)
         lr_t = lr / 10 ** (t // 6)
-        if t > 8:
+        if original and t > 8:
             lrratio = 1
         hyper = lr_t * lrratio
     return lrs
 
 
-def test_hyperiqa_schedule_decays_the_hyper_network_as_the_original():
+@pytest.mark.parametrize("rule, expected", [  # epochs 0-15 of lr 2e-5
+    ("hyperiqa", [2e-4] * 7 + [2e-5] * 3 + [2e-6] * 3 + [2e-7] * 3),
+    ("step", [2e-4] * 7 + [2e-5] * 6 + [2e-6] * 3),  # the seed's: from epoch 8 (1-based), no ratio drop
+])
+def test_step_rules_decay_the_hyper_network_as_their_loops(rule, expected):
     lr, steps = 2e-5, 3
-    expected = [lr * 10] * 7 + [lr] * 3 + [lr / 10] * 3 + [lr / 100] * 3  # epochs 0-15
-    assert original_hyper_lrs(lr, 10, 16) == pytest.approx(expected)
-    cfg = Config(lr=lr, lr_ratio=10.0, lr_scheduler="hyperiqa", epochs=16)
+    assert loop_hyper_lrs(lr, 10, 16, original=rule == "hyperiqa") == pytest.approx(expected)
+    cfg = Config(lr=lr, lr_ratio=10.0, lr_scheduler=rule, epochs=16)
     optimizer = build_optimizer(TwoParts(), cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps)
     per_step = []
@@ -511,6 +551,19 @@ def test_hyperiqa_schedule_decays_the_hyper_network_as_the_original():
     for name in ("backbone", "backbone_no_decay"):
         assert [lrs[name] for lrs in per_step] == pytest.approx([lr] * 16 * steps)
     json.dumps(scheduler.state_dict())  # plain values: checkpoints store it as such
+
+
+def test_step_rules_start_each_epoch_with_fresh_moments(small_shards, tmp_path, monkeypatch):
+    """As the loops that re-create their optimiser each epoch: no Adam state at an epoch's first step."""
+    real_step, states = Trainer.train_step, []
+
+    def record(self, images, labels):
+        states.append(len(self.optimizer.state))
+        return real_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", record)
+    train(machinery_config(small_shards, tmp_path / "run", epochs=2, max_steps_per_epoch=2, lr_scheduler="step"))
+    assert states[0] == states[2] == 0 and states[1] == states[3] > 0
 
 
 @pytest.mark.parametrize("name, cls, decoupled", [("adamw", torch.optim.AdamW, True),

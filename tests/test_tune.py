@@ -5,6 +5,7 @@ One local Ray (2 CPUs) serves the whole module; trials are micro runs of a few s
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,11 +17,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+import timm
 import yaml
 from ray import tune as ray_tune
 
-from iqa_dist import tune
+from iqa_dist import tune, weights
 from iqa_dist.config import ConfigError, load_yaml
+from iqa_dist.models.backbones import BACKBONES
 
 REPO = Path(__file__).parents[1]
 SEARCHED = ["dropout_rate", "drop_path_rate", "lr", "ranking_loss_alpha"]
@@ -43,9 +46,21 @@ def local_ray():
         yield
 
 
+def weights_folder(path: Path, sizes: tuple[str, ...] = ("micro",)) -> Path:
+    """python -m iqa_dist.weights files of random backbones, made here (no download)."""
+    for size in sizes:
+        spec = BACKBONES[size]
+        weights.save(timm.create_model(spec.timm_name, **spec.timm_kwargs), size, path)
+    return path
+
+
 def test_asha_sweep_writes_tables_and_a_trainable_best_config(small_shards, tmp_path, local_ray):
-    sweep = sweep_dict(small_shards, tmp_path,
-                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(micro(small_shards, epochs=5, patience=4,
+                                         pretrained_path=str(weights_folder(tmp_path / "w")))))
+    sweep = sweep_dict(small_shards, tmp_path, base=str(base), overrides={"epochs": 2, "early_stopping": False},
+                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                       space={**tune.DEFAULT_SPACE, "weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-3}})
     table = tune.run_sweep(sweep)
     out = tmp_path / "s"
     for saved in (pd.read_csv(out / "results.csv"), pd.read_parquet(out / "results.parquet")):
@@ -54,10 +69,16 @@ def test_asha_sweep_writes_tables_and_a_trainable_best_config(small_shards, tmp_
     assert table["epochs_run"].between(1, 2).all() and (table["compute_s"] > 0).all()
     best = table.loc[table["best_val_srcc"].idxmax()]
     cfg = load_yaml(out / "best_config.yaml")  # as `python -m iqa_dist.train --config` reads it
-    assert [getattr(cfg, k) for k in SEARCHED] == [best[k] for k in SEARCHED]
-    assert (cfg.run_dir, cfg.resume, cfg.model_size, cfg.epochs) == (None, None, "micro", 2)
+    assert [getattr(cfg, k) for k in [*SEARCHED, "weight_decay"]] == [best[k] for k in [*SEARCHED, "weight_decay"]]
+    # the base recipe's budget, not the trials' (epochs 2, no early stopping)
+    assert (cfg.run_dir, cfg.resume, cfg.model_size, cfg.epochs, cfg.patience, cfg.early_stopping) == \
+        (None, None, "micro", 5, 4, True)
     assert (out / "sweep.png").stat().st_size > 0
     assert (Path(best["run_dir"]) / "checkpoints" / "best" / "model.safetensors").exists()
+    for run_dir in table["run_dir"]:  # every trial fine-tuned the base's weights
+        assert load_yaml(Path(run_dir) / "config.yaml").pretrained_path == str(tmp_path / "w")
+        epochs = pd.read_csv(Path(run_dir).parent / tune.EPOCH_LOG)  # a running best was reported
+        assert list(epochs[tune.RUNNING_BEST]) == list(epochs["val_srcc"].fillna(-math.inf).cummax())
 
 
 class KillFirstTrialOnce(ray_tune.Callback):
@@ -141,6 +162,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(small_shards, 
     ({"metric": "test_srcc"}, "metric: 'test_srcc' is not one of val_srcc"),
     ({"overrides": {"epocs": 3}}, "overrides: unknown key 'epocs' (did you mean 'epochs'?)"),
     ({"overrides": {"batch_size": -4}}, "overrides: batch_size -4: must be >= 1"),
+    ({"overrides": {"model_size": "tiny"}}, "base: pretrained: not set for model_size tiny"),
     ({"space": {"lr": {"type": "uniform", "low": -0.1, "high": 0.1}}}, "space.lr: lr -0.1: must be >= 0"),
     ({"space": {"train_patch_num": {"type": "choice", "values": [4, 0]}}},
      "space.train_patch_num: train_patch_num 0: must be >= 1"),
@@ -199,3 +221,37 @@ def test_a_sweep_folder_holds_one_sweep(small_shards, tmp_path):
     with pytest.raises(ConfigError, match=f"^{folder}: holds a sweep already; --resume continues it"):
         tune.run_sweep(sweep)
     assert (folder / "results.csv").read_text() == "trial_id\n"
+
+
+def test_best_config_is_the_base_recipe_with_the_found_values(small_shards, tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(micro(small_shards, epochs=7, patience=3, workers=2, plots=True)))
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, base=str(base), overrides={
+        "epochs": 2, "early_stopping": False, "workers": 0, "plots": False, "lr_ratio": 5.0}))
+    assert (sweep.base.epochs, sweep.base.early_stopping) == (2, False)  # what the trials run
+    table = pd.DataFrame([{**dict.fromkeys(SEARCHED, 0.1), "lr": 1e-4, "best_val_srcc": 0.2},
+                          {**dict.fromkeys(SEARCHED, 0.3), "lr": 3e-4, "best_val_srcc": 0.6}])
+    cfg = tune.best_config(table, sweep)
+    assert (cfg.lr, cfg.dropout_rate, cfg.lr_ratio) == (3e-4, 0.3, 5.0)  # found; a recipe override kept
+    assert (cfg.epochs, cfg.patience, cfg.early_stopping, cfg.workers, cfg.plots) == (7, 3, True, 2, True)
+    assert cfg.dataset == str(small_shards.absolute())
+
+
+def test_model_size_may_be_searched_on_pretrained_weights(small_shards, tmp_path):
+    sizes = {"model_size": {"type": "choice", "values": ["micro", "tiny"]}}
+    with pytest.raises(ConfigError, match="space.model_size: pretrained: not set for model_size tiny"):
+        tune.parse_sweep(sweep_dict(small_shards, tmp_path, space=sizes))
+    folder = str(tmp_path / "w")  # one file per size (python -m iqa_dist.weights --out w)
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, space=sizes,
+                                        overrides=micro(small_shards, pretrained_path=folder)))
+    assert tune.domain(sweep.space["model_size"], grid=True) == {"grid_search": ["micro", "tiny"]}
+    with pytest.raises(ConfigError, match="PBT would change a trial's model"):
+        tune.parse_sweep(sweep_dict(small_shards, tmp_path, space=sizes, scheduler="pbt",
+                                    overrides=micro(small_shards, pretrained_path=folder)))
+
+
+@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_demo.yaml"])
+def test_shipped_sweeps_compare_the_running_best(name):
+    sweep = tune.load_sweep(REPO / "configs" / name)
+    assert (sweep.metric, sweep.epoch_metric) == (tune.RUNNING_BEST, "val_srcc")
+    assert tune.parse_sweep({"overrides": {"model_size": "micro"}}).metric == tune.RUNNING_BEST  # the default

@@ -65,6 +65,8 @@ def _create(size: str, spec: BackboneSpec, drop_path_rate: float, pretrained: bo
     if pretrained_path is None:
         return timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
     path = Path(pretrained_path)
+    if path.is_dir():  # a folder of python -m iqa_dist.weights files: one for each size (a sweep's)
+        path = weights_file(size, path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights not found: {path}")
     try:
@@ -73,6 +75,11 @@ def _create(size: str, spec: BackboneSpec, drop_path_rate: float, pretrained: bo
     except (RuntimeError, SafetensorError) as err:
         # torch lists every mismatching tensor over many lines; the first one says enough
         raise ValueError(f"{path}: not weights of the {size!r} backbone ({_first_problem(err)})") from None
+
+
+def weights_file(size: str, folder: str | Path) -> Path:
+    """Where ``python -m iqa_dist.weights`` puts the ImageNet weights of ``size`` in ``folder``."""
+    return Path(folder) / f"{BACKBONES[size].timm_name}.safetensors"
 
 
 def _first_problem(err: Exception) -> str:
