@@ -163,7 +163,8 @@ def launch_part(sizes: CheckSizes, name: str, shards: Path, folder: Path, gpu: b
     train = ["--dataset", str(shards), "--run_dir", str(folder / "run"), "--model_size", sizes.launch_model,
              "--batch_size", str(sizes.launch_batch), "--train_patch_num", str(sizes.launch_patches),
              "--test_patch_num", "1", "--epochs", "1", "--max_steps_per_epoch", str(sizes.launch_steps),
-             "--workers", "1", "--log_every", "1", "--no_plots", "--no_spaq"]
+             "--workers", "1", "--log_every", "1", "--no_plots", "--no_spaq",
+             "--no_pretrained"]  # a check of the launch, offline: Swin from random weights, said so
     # the check's precision, said explicitly: without --mixed_precision, accelerate launch
     # tells the run "no" (fp32) whenever the launcher config names none, as zero*.yaml do
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / config),
