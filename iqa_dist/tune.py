@@ -48,6 +48,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -583,6 +584,37 @@ def write_outputs(grid: tune.ResultGrid, sweep: Sweep) -> pd.DataFrame:
     return table
 
 
+class SweepInterrupted(Exception):
+    """A stop signal (Ctrl-C, SIGTERM) ended the sweep early; Tune saved it for ``--resume``."""
+
+
+def fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    """``tuner.fit()``, raising SweepInterrupted when a stop signal ended it early.
+
+    On a SIGINT Tune saves the experiment and returns from fit as if the sweep were done:
+    a table of the trials so far would pass for its result. Tune runs fit under its own
+    SIGINT handler and puts back the one it found only when the signal came, so ours, found
+    in place after fit, says so. SIGTERM (a scheduler's stop) is made a SIGINT meanwhile;
+    the handler ray.init installs for it dumps a crash report and aborts, saving nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()  # signals reach the main thread only
+
+    def second_stop(signum: int, frame: Any) -> None:  # Tune's "press Ctrl-C again to skip"
+        raise SweepInterrupted
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "0"
+    on_int = signal.signal(signal.SIGINT, second_stop)
+    on_term = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        grid = tuner.fit()
+        if signal.getsignal(signal.SIGINT) is second_stop:
+            raise SweepInterrupted
+        return grid
+    finally:
+        signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGTERM, on_term if on_term is not None else signal.SIG_DFL)  # None: not Python's
+
+
 def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resume: bool = False,
               callbacks: Sequence[tune.Callback] = ()) -> pd.DataFrame:
     """Run (or ``resume``) a sweep on a Ray cluster; returns the per-trial table, also written
@@ -604,7 +636,7 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
     try:
         with ray_cluster(address, local_cpus(sweep)):
             sweep = fit_to_gpus(sweep, ray.cluster_resources().get("GPU", 0.0))
-            grid = make_tuner(sweep, resume, callbacks).fit()
+            grid = fit(make_tuner(sweep, resume, callbacks))
             return write_outputs(grid, sweep)
     finally:
         lock.release()
@@ -624,6 +656,16 @@ def summary(table: pd.DataFrame, sweep: Sweep) -> str:
 # ---------------------------------------------------------------- command line
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, after Ctrl-C and SIGTERM alike (Tune gets both as SIGINT)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes the sweep ``args`` ran: the same folder, the same Ray."""
+    words = ["python -m iqa_dist.tune --config", args.config]
+    words += [f"--{k} {getattr(args, k)}" for k in ("storage_path", "name", "address") if getattr(args, k)]
+    return " ".join([*words, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--config", required=True, help="sweep YAML (see the module docstring)")
@@ -637,14 +679,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("num_samples", "max_concurrent", "storage_path", "name")}
-    # SLURM and others stop jobs with SIGTERM: let Tune save its state as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         sweep = load_sweep(args.config, overrides)
         table = run_sweep(sweep, address=args.address, resume=args.resume)
     except (ConfigError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except SweepInterrupted:
+        print(f"interrupted: {resume_command(args)} continues it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summary(table, sweep))
     return 0
 

@@ -149,6 +149,36 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(small_shards, 
         assert table.set_index("trial_id").loc[trial.removeprefix("trial_"), "compute_epochs"] == 3
 
 
+def test_sigterm_stops_a_sweep_in_one_line_with_the_resume_command(small_shards, tmp_path):
+    """Ray's own SIGTERM handler dumped a crash report and aborted; Tune, given a SIGINT,
+    saves the sweep and returns as if it were done, which would write a table of the trials
+    so far as the sweep's result."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path, num_samples=2, max_concurrent=1,
+                                              scheduler="none", overrides=micro(small_shards, epochs=50))))
+    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.tune", "--config", str(path)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    experiment = tmp_path / "s"
+    try:
+        end = time.time() + 300
+        while not list(experiment.glob("trial_*")):  # a trial runs: Tune's loop is on
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < end, "no trial started in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the driver alone, as `kill PID` or scancel's first signal
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
+    resume = f"python -m iqa_dist.tune --config {path} --resume"
+    assert err.rstrip().splitlines()[-1] == f"interrupted: {resume} continues it"
+    assert not (experiment / "results.csv").exists() and ray_tune.Tuner.can_restore(str(experiment))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"space": {"dropout": {"type": "uniform", "low": 0, "high": 1}}},
      "space.dropout: unknown Config key (did you mean 'dropout_rate'?)"),
