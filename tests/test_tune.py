@@ -226,14 +226,29 @@ def test_grid_search_enumerates_every_axis(small_shards, tmp_path):
 def test_concurrency_matches_the_gpus_the_sweep_was_given(small_shards, tmp_path, gpu, asked, gpus, runs):
     sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, max_concurrent=asked,
                                         resources_per_trial={"cpu": 1, "gpu": gpu}))
-    assert tune.fit_to_gpus(sweep, gpus).max_concurrent == runs
+    assert tune.fit_to_cluster(sweep, gpus).max_concurrent == runs
 
 
 def test_trials_needing_gpus_on_a_cluster_without_are_refused(small_shards, tmp_path):
     """Ray would keep them pending for ever, saying nothing."""
     sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": 1, "gpu": 1}))
     with pytest.raises(ConfigError, match=r"^resources_per_trial.gpu 1: the Ray cluster has 0 GPU\(s\)"):
-        tune.fit_to_gpus(sweep, 0.0)
+        tune.fit_to_cluster(sweep, 0.0)
+
+
+def test_trials_needing_more_cpus_than_there_are_are_refused(small_shards, tmp_path, local_ray):
+    """A private local Ray is sized to the trials, so it would pretend to have the CPUs; a
+    running cluster's would keep the trials pending for ever."""
+    machine = os.cpu_count()
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": machine + 1}))
+    with pytest.raises(ConfigError, match=rf"^resources_per_trial.cpu {machine + 1}: this machine has {machine} "
+                                          r"CPU\(s\), all a private local Ray gives; ask cpu: "):
+        tune.local_cpus(sweep)
+    assert tune.node_cpus(1, wait_s=0) == 2.0  # the module's Ray: one node of 2 CPUs
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": 3}))
+    with pytest.raises(ConfigError, match=r"^resources_per_trial.cpu 3: the Ray cluster's largest node has "
+                                          r"2 CPU\(s\)"):
+        tune.fit_to_cluster(sweep, 0.0, tune.node_cpus(sweep.cpu, wait_s=0))
 
 
 def test_a_sweep_folder_holds_one_sweep(small_shards, tmp_path):
