@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from iqa_dist import atomic, checkpoint, evaluate, images, predict, train
-from iqa_dist.config import Config, ConfigError, load_yaml, save_yaml
+from iqa_dist.config import Config, ConfigError, from_dict, load_yaml, save_yaml
 from iqa_dist.images import open_rgb
 from iqa_dist.sources import csvfile
 
@@ -300,3 +300,23 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporaries(small
     assert "MB needed" in line and "MB free" in line
     assert not [p for p in run_dir.rglob("*") if p.name.startswith((".tmp-", ".")) and p.name.endswith("tmp")]
     assert not list((run_dir / "checkpoints").glob(".tmp-step-*"))
+
+
+def test_a_set_packed_again_while_training_reads_it_is_named_so(small_shards, tmp_path):
+    """Not "unreadable, truncated or corrupted": the shards were replaced under the run."""
+    import shutil
+
+    from iqa_dist.data.stream import ShardError
+    from test_tune import micro
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+
+    def pack_again(epoch, metrics, checkpoint):  # as pack --overwrite does: the manifest goes first
+        (shards / "manifest.parquet").unlink()
+        for shard in shards.glob("*.tar"):
+            shard.write_bytes(b"half a new shard")
+
+    cfg = from_dict(micro(shards, epochs=2, run_dir=str(tmp_path / "run")))
+    with pytest.raises(ShardError, match=rf"^{shards} was packed again while this run read it \({shards}/"):
+        train.train(cfg, callbacks=[pack_again])
