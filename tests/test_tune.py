@@ -119,20 +119,30 @@ def finished_trials(experiment: Path) -> int:
     return sum(json.loads(t[0])["status"] == "TERMINATED" for t in data["trial_data"])
 
 
+def start_sweep(path: Path) -> subprocess.Popen:
+    """``python -m iqa_dist.tune --config path`` in its own session (it and its Ray: one group)."""
+    return subprocess.Popen([sys.executable, "-m", "iqa_dist.tune", "--config", str(path)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, late: str) -> None:
+    """Poll ``condition`` while the sweep ``proc`` runs, for up to 300 s."""
+    end = time.time() + 300
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < end, late
+        time.sleep(0.2)
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(small_shards, tmp_path, local_ray):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path, num_samples=3, max_concurrent=1,
                                               scheduler="none", overrides=micro(small_shards, epochs=3))))
-    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.tune", "--config", str(path)], cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     experiment = tmp_path / "s"
+    proc = start_sweep(path)
     try:
-        end = time.time() + 300
-        while finished_trials(experiment) < 1:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < end, "no trial finished in time"
-            time.sleep(0.2)
+        wait_for(lambda: finished_trials(experiment) >= 1, proc, "no trial finished in time")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
         proc.wait()
@@ -156,16 +166,10 @@ def test_sigterm_stops_a_sweep_in_one_line_with_the_resume_command(small_shards,
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path, num_samples=2, max_concurrent=1,
                                               scheduler="none", overrides=micro(small_shards, epochs=50))))
-    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.tune", "--config", str(path)], cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     experiment = tmp_path / "s"
-    try:
-        end = time.time() + 300
-        while not list(experiment.glob("trial_*")):  # a trial runs: Tune's loop is on
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < end, "no trial started in time"
-            time.sleep(0.2)
+    proc = start_sweep(path)
+    try:  # once a trial runs, Tune's loop is on
+        wait_for(lambda: list(experiment.glob("trial_*")), proc, "no trial started in time")
         proc.send_signal(signal.SIGTERM)  # the driver alone, as `kill PID` or scancel's first signal
         err = proc.communicate(timeout=120)[1]
     finally:
