@@ -10,12 +10,22 @@ ordinary ``open`` would (0666 less the umask) before it takes the destination's 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 SUFFIX = ".tmp"  # every temporary ends so: a packer clears those a killed run left
+# How a full disk shows: errno from Python, a message from torch's zip writer and safetensors.
+_FULL_DISK = ("No space left", "unexpected pos", "StorageFull", "Disk quota exceeded")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write failing for want of space (or of quota)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(err) for text in _FULL_DISK)
 
 
 def umask() -> int:

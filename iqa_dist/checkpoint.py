@@ -19,7 +19,6 @@ to the newest readable ``step-N`` with a warning. Loading uses safetensors and
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -87,16 +86,6 @@ def experiment_changes(saved: dict[str, Any], now: dict[str, Any], allowed: Sequ
             if k not in allowed and saved[k] != now[k]]
 
 
-# How a full disk shows: errno from Python, a message from torch's zip writer and safetensors.
-_FULL_DISK = ("No space left", "unexpected pos", "StorageFull", "Disk quota exceeded")
-
-
-def _disk_full(err: BaseException) -> bool:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return any(text in str(err) for text in _FULL_DISK)
-
-
 @contextlib.contextmanager
 def space_for(run_dir: Path, what: str, need_bytes: int) -> Iterator[None]:
     """A full disk while writing ``what`` into ``run_dir`` becomes one line naming the folder
@@ -105,7 +94,7 @@ def space_for(run_dir: Path, what: str, need_bytes: int) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as err:
-        if not _disk_full(err):
+        if not atomic.disk_full(err):
             raise
         for stage in checkpoints_dir(run_dir).glob(".tmp-step-*"):
             shutil.rmtree(stage, ignore_errors=True)

@@ -124,12 +124,15 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "lr_ratio": (0, None), "weight_decay": (0, None), "eta_min_ratio": (0, None),
     "step_size": (1, None), "step_gamma": (0, None), "warmup_epochs": (0, None), "grad_clip": (0, None),
     "grad_accum": (1, None), "patience": (1, None),
-    "train_patch_num": (1, None), "test_patch_num": (1, None), "patch_size": (32, None),  # every backbone downsamples 32x
+    "train_patch_num": (1, None), "test_patch_num": (1, None),
     "workers": (0, None), "threads": (0, None), "shuffle_buffer": (0, None),
     "split_round": (0, None), "rounds": (1, None), "seed": (0, 2**32 - 1),  # numpy seeds are unsigned
     "max_steps_per_epoch": (0, None), "log_every": (1, None), "max_bad_samples": (0, None),  # 0: none
     "dist_timeout_s": (1, None),
 }
+# The model's only input size (models/hyperiqa.py PATCH): its hyper network pools every
+# stage to a fixed 7x7, so another size would fail deep in the first forward pass
+PATCH_SIZE = 224
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 # Backbones small enough to learn from scratch on a CPU (the demo, the tests); every other
@@ -183,6 +186,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_CHOICES[name])}")
     if name in _RANGES:
         _check_range(name, value)
+    if name == "patch_size" and value != PATCH_SIZE:
+        raise ConfigError(f"{name} {value}: the model takes {PATCH_SIZE}x{PATCH_SIZE} patches only")
     return value
 
 

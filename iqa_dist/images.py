@@ -14,6 +14,10 @@ from .config import ConfigError
 # ours (max_pixels) refuses before decoding, with the file's name, at a limit users set.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 64_000_000  # SPAQ's 4000x3000 photos are 12 megapixels
+# An image smaller than a patch is upsampled only up to this ratio of its sides: photographs
+# (even panoramas) stay well within it; past it the "image" is a strip, and its upsampled
+# copy would be mostly invented pixels
+MAX_UPSAMPLED_ASPECT = 20
 
 # How every image is read, in pack, training and predict alike (the card records it).
 DECODING = "8-bit RGB; EXIF orientation applied; 16-bit samples scaled by bit depth; alpha over white"
@@ -64,6 +68,23 @@ def open_rgb(data: bytes, where: str = "image") -> tuple[Image.Image, str | None
     if img.mode in _DIRECT:
         return img, None
     return to_rgb8(img), img.mode
+
+
+def check_upsampling(w: int, h: int, p: int, where: str) -> None:
+    """Refuse a ``w`` x ``h`` image whose short side is below the patch side ``p`` when
+    upsampling it to ``p`` would be absurd: a 1x60000 strip (0.06 megapixels) becomes
+    224 x 13.4 million pixels, gigabytes. Its long side may be at most MAX_UPSAMPLED_ASPECT
+    times its short side, and the upsampled image is held to ``max_pixels`` like a decoded one."""
+    short, long = min(w, h), max(w, h)
+    if short >= p:
+        return
+    if long > MAX_UPSAMPLED_ASPECT * short:
+        raise BadImage(f"{where}: {w}x{h} is too thin to upsample to a {p}-pixel patch (its sides are "
+                       f"over {MAX_UPSAMPLED_ASPECT}:1)")
+    limit, side = max_pixels(), round(long * p / short)
+    if side * p > limit:
+        raise BadImage(f"{where}: {w}x{h} upsampled to a {p}-pixel patch is {side * p / 1e6:.3g} megapixels, "
+                       f"over the limit of {limit / 1e6:.3g} (IQA_MAX_PIXELS)")
 
 
 def _check_size(img: Image.Image, limit: int, where: str) -> None:

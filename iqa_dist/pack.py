@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tarfile
@@ -589,6 +590,17 @@ def slice_arg(text: str) -> tuple[int, int]:
     return int(i), int(n)
 
 
+def _failure(err: Exception, out: Path) -> str:
+    """What went wrong, in one line; a full disk names the output folder and its free space
+    (the errno's own text names neither, nor what survives)."""
+    if not atomic.disk_full(err):
+        return str(err)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    return (f"{out}: no space left on its device ({free / 1e6:.0f} MB free); the finished shards are kept; "
+            "free space and run the same command")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = PackOptions(resize=args.resize, lossy_quality=args.lossy_quality,
@@ -599,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         report = _run(args, options)
         problems = verify(args.out) if args.verify else []
     except (LayoutError, BadImage, OSError, ValueError) as err:  # OSError: a full disk, a read-only --out
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_failure(err, args.out)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: the finished shards in {args.out} are kept; the same command continues",

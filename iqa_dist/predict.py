@@ -106,9 +106,11 @@ class ImageCrops(Dataset):
                  "training set)"] if arr.shape[:2] != (h, w) else []
         h, w, p = *arr.shape[:2], self.patch_size
         notes += [f"upsampled: {w}x{h} is smaller than a {p} crop"] if min(h, w) < p else []
-        note = "; ".join(notes)
-        crops = eval_crops(str(path), arr, p, self.patch_num, self.random_crop, self.seed)
-        return i, np.stack(crops), note
+        try:
+            crops = eval_crops(str(path), arr, p, self.patch_num, self.random_crop, self.seed)
+        except BadImage as err:
+            return i, None, str(err).removeprefix(f"{path}: ")
+        return i, np.stack(crops), "; ".join(notes)
 
 
 def _as_is(item: tuple) -> tuple:

@@ -153,6 +153,7 @@ class Trainer:
         ckpt.prepare_run_dir(self.run_dir)
         set_determinism(cfg)
         self.shards = shards_path(cfg)
+        self.manifest_sha1 = manifest_sha1(self.shards)  # the set this run reads (a re-pack changes it)
         self.train_split = load_split(self.shards, "train", cfg.split_round)
         self.val_split = load_split(self.shards, "val", cfg.split_round)
         self.test_split = load_split(self.shards, "test", cfg.split_round)
@@ -237,7 +238,7 @@ class Trainer:
         """What a checkpoint records of the experiment: every key but the run's mechanics,
         and the packed data (a re-packed set's splits differ)."""
         record = {k: v for k, v in to_dict(self.given).items() if k not in RUN_KEYS}
-        record["manifest_sha1"] = hashlib.sha1((self.shards / "manifest.parquet").read_bytes()).hexdigest()
+        record["manifest_sha1"] = self.manifest_sha1
         return record
 
     def check_same_experiment(self, path: Path) -> None:
@@ -580,6 +581,23 @@ def check_splits(root: Path, train: Split, val: Split, test: Split) -> None:
 # ---------------------------------------------------------------- API and command line
 
 
+def manifest_sha1(shards: Path) -> str | None:
+    """The fingerprint of a packed set (None: it has no manifest now)."""
+    try:
+        return hashlib.sha1((shards / "manifest.parquet").read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def repacked(err: ShardError, shards: Path, sha1_at_start: str | None) -> ShardError:
+    """``err``, or, when the set's manifest changed since the run started, the reason: the
+    shards are not corrupted. A pack over a set (``--overwrite``) deletes the manifest
+    first and writes the new one last, so it differs during the whole re-pack and after."""
+    if manifest_sha1(shards) == sha1_at_start:
+        return err
+    return ShardError(f"{shards} was packed again while this run read it ({err}); train again on the new set")
+
+
 def train(cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) -> dict[str, Any]:
     """Train one run (or ``cfg.rounds`` runs on seeded splits); returns the results.
     ``lock=False`` where the caller owns the run directory (a Tune trial's, which Tune may
@@ -601,6 +619,8 @@ def train(cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) ->
         if lost:
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise LostRank(f"{live.message(lost)} ({type(err).__name__}: {first})") from err
+        if isinstance(err, ShardError):
+            raise repacked(err, trainer.shards, trainer.manifest_sha1) from None
         raise
     finally:
         trainer.stop.restore()

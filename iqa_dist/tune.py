@@ -48,6 +48,8 @@ import shutil
 import signal
 import socket
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -86,6 +88,7 @@ SCHEDULER_FIELDS = {
 }
 SWEEP_KEYS = ("base", "overrides", "space", "scheduler", "search", "num_samples", "max_concurrent",
               "resources_per_trial", "max_failures", "metric", "mode", "storage_path", "name")
+CLUSTER_WAIT_S = 60  # for a node of a running cluster big enough for one trial
 SET_BY_SWEEP = ("run_dir", "resume", "rounds", "overwrite", "allow_changed")  # per trial, or meaningless in one
 # Overrides that size a trial, not the recipe: best_config.yaml takes these from the base
 TRIAL_ONLY = ("epochs", "patience", "early_stopping", "max_steps_per_epoch", "plots", "workers", "threads")
@@ -385,10 +388,14 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def fit_to_gpus(sweep: Sweep, gpus: float) -> Sweep:
+def fit_to_cluster(sweep: Sweep, gpus: float, node_cpus: float | None = None) -> Sweep:
     """The sweep with no more concurrent trials than the cluster's ``gpus`` hold. Trials
-    that ask for GPUs a cluster does not have wait for them forever, without a word:
-    refused here instead; and more concurrent trials than fit only queue up."""
+    that ask for GPUs a cluster does not have, or for more CPUs than its largest node has
+    (``node_cpus``; None: not checked), wait for them forever, without a word: refused here
+    instead; and more concurrent trials than fit only queue up."""
+    if node_cpus is not None and sweep.cpu > node_cpus:
+        raise ConfigError(f"resources_per_trial.cpu {sweep.cpu:g}: the Ray cluster's largest node has "
+                          f"{node_cpus:g} CPU(s) (a trial runs on one node); ask cpu: {node_cpus:g} or fewer")
     if sweep.gpu <= 0:
         return sweep
     fit = int(gpus // sweep.gpu)
@@ -402,8 +409,25 @@ def fit_to_gpus(sweep: Sweep, gpus: float) -> Sweep:
     return sweep
 
 
+def node_cpus(need: float, wait_s: float) -> float:
+    """The most CPUs one live node of the connected Ray has, waiting up to ``wait_s`` seconds
+    for one with ``need``: a running cluster's nodes may still be joining (slurm/sweep.sh
+    starts them just before the sweep)."""
+    end = time.monotonic() + wait_s
+    while True:
+        most = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+        if most >= need or time.monotonic() >= end:
+            return most
+        time.sleep(1)
+
+
 def local_cpus(sweep: Sweep) -> int:
-    """A local Ray's size: the concurrent trials' CPUs, else the machine."""
+    """A local Ray's size: the concurrent trials' CPUs, else the machine. A trial asking for
+    more CPUs than the machine has is refused: the Ray, sized to it, would pretend to have them."""
+    machine = os.cpu_count() or 1
+    if sweep.cpu > machine:
+        raise ConfigError(f"resources_per_trial.cpu {sweep.cpu:g}: this machine has {machine} CPU(s), all a "
+                          f"private local Ray gives; ask cpu: {machine} or fewer, or join a cluster (--address)")
     if sweep.max_concurrent:
         return math.ceil(sweep.cpu * sweep.max_concurrent)
     return max(os.cpu_count() or 1, math.ceil(sweep.cpu))
@@ -583,12 +607,44 @@ def write_outputs(grid: tune.ResultGrid, sweep: Sweep) -> pd.DataFrame:
     return table
 
 
+class SweepInterrupted(Exception):
+    """A stop signal (Ctrl-C, SIGTERM) ended the sweep early; Tune saved it for ``--resume``."""
+
+
+def fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    """``tuner.fit()``, raising SweepInterrupted when a stop signal ended it early.
+
+    On a SIGINT Tune saves the experiment and returns from fit as if the sweep were done:
+    a table of the trials so far would pass for its result. Tune runs fit under its own
+    SIGINT handler and puts back the one it found only when the signal came, so ours, found
+    in place after fit, says so. SIGTERM (a scheduler's stop) is made a SIGINT meanwhile;
+    the handler ray.init installs for it dumps a crash report and aborts, saving nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()  # signals reach the main thread only
+
+    def second_stop(signum: int, frame: Any) -> None:  # Tune's "press Ctrl-C again to skip"
+        raise SweepInterrupted
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "0"
+    on_int = signal.signal(signal.SIGINT, second_stop)
+    on_term = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        grid = tuner.fit()
+        if signal.getsignal(signal.SIGINT) is second_stop:
+            raise SweepInterrupted
+        return grid
+    finally:
+        signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGTERM, on_term if on_term is not None else signal.SIG_DFL)  # None: not Python's
+
+
 def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resume: bool = False,
               callbacks: Sequence[tune.Callback] = ()) -> pd.DataFrame:
     """Run (or ``resume``) a sweep on a Ray cluster; returns the per-trial table, also written
     with best_config.yaml and sweep.png under ``<storage_path>/<name>``."""
     if isinstance(sweep, dict):
         sweep = parse_sweep(sweep)
+    size = None if address else local_cpus(sweep)  # refused before anything is written
     folder = sweep.experiment_dir
     if resume and not tune.Tuner.can_restore(str(folder)):
         raise ConfigError(f"{folder}: no sweep to resume there (check storage_path and name)")
@@ -602,9 +658,10 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
     except LockedError as err:
         raise ConfigError(str(err).replace("another run", "another sweep")) from None
     try:
-        with ray_cluster(address, local_cpus(sweep)):
-            sweep = fit_to_gpus(sweep, ray.cluster_resources().get("GPU", 0.0))
-            grid = make_tuner(sweep, resume, callbacks).fit()
+        with ray_cluster(address, size):
+            cpus = node_cpus(sweep.cpu, CLUSTER_WAIT_S if address else 0)
+            sweep = fit_to_cluster(sweep, ray.cluster_resources().get("GPU", 0.0), cpus)
+            grid = fit(make_tuner(sweep, resume, callbacks))
             return write_outputs(grid, sweep)
     finally:
         lock.release()
@@ -624,6 +681,16 @@ def summary(table: pd.DataFrame, sweep: Sweep) -> str:
 # ---------------------------------------------------------------- command line
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, after Ctrl-C and SIGTERM alike (Tune gets both as SIGINT)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes the sweep ``args`` ran: the same folder, the same Ray."""
+    words = ["python -m iqa_dist.tune --config", args.config]
+    words += [f"--{k} {getattr(args, k)}" for k in ("storage_path", "name", "address") if getattr(args, k)]
+    return " ".join([*words, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--config", required=True, help="sweep YAML (see the module docstring)")
@@ -637,14 +704,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name")
     args = parser.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("num_samples", "max_concurrent", "storage_path", "name")}
-    # SLURM and others stop jobs with SIGTERM: let Tune save its state as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     try:
         sweep = load_sweep(args.config, overrides)
         table = run_sweep(sweep, address=args.address, resume=args.resume)
     except (ConfigError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except SweepInterrupted:
+        print(f"interrupted: {resume_command(args)} continues it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summary(table, sweep))
     return 0
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from iqa_dist.config import (_HINTS, _RANGES, Config, ConfigError, check_pretrained, for_world, from_dict, load_yaml,
-                             parse_config, save_yaml)
+from iqa_dist.config import (_HINTS, _RANGES, PATCH_SIZE, Config, ConfigError, check_pretrained, for_world, from_dict,
+                             load_yaml, parse_config, save_yaml)
 from iqa_dist.models.backbones import BACKBONES
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -142,7 +142,7 @@ def test_seed_configs_state_the_seeds_global_batch(name, global_batch):
 
 def test_every_numeric_key_has_a_range():
     numeric = {name for name, hint in _HINTS.items() if hint in (int, float)}
-    assert numeric == set(_RANGES)
+    assert numeric == set(_RANGES) | {"patch_size"}  # patch_size: one value, PATCH_SIZE
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -150,7 +150,7 @@ def test_every_numeric_key_has_a_range():
     ("batch_size", "0", "--batch_size 0: must be >= 1"),
     ("train_patch_num", "0", "--train_patch_num 0: must be >= 1"),
     ("max_steps_per_epoch", "-3", "--max_steps_per_epoch -3: must be >= 0"),
-    ("patch_size", "0", "--patch_size 0: must be >= 32"),
+    ("patch_size", "64", "--patch_size 64: the model takes 224x224 patches only"),
     ("workers", "-1", "--workers -1: must be >= 0"),
     ("lr", "-0.1", "--lr -0.1: must be >= 0"),
     ("lr", "nan", "--lr nan: must be a finite number"),
@@ -197,3 +197,12 @@ def test_readme_reproduction_commands_parse():
         check_pretrained(cfg)
         assert cfg.rounds == 3 and cfg.pretrained_path.endswith(f"{BACKBONES[cfg.model_size].timm_name}.safetensors")
     assert "0.9316" in section and "test-selected" in (CONFIGS / "base.yaml").read_text()
+
+
+def test_patch_size_is_the_models_only_input_size(tmp_path):
+    from iqa_dist.models.hyperiqa import PATCH
+    path = tmp_path / "c.yaml"
+    path.write_text("patch_size: 384\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: patch_size 384: the model takes 224x224 patches only$"):
+        load_yaml(path)
+    assert from_dict({"patch_size": PATCH}).patch_size == PATCH_SIZE == PATCH

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from iqa_dist import checkpoint, evaluate, images, predict, train
-from iqa_dist.config import Config, ConfigError, load_yaml, save_yaml
+from iqa_dist import atomic, checkpoint, evaluate, images, predict, train
+from iqa_dist.config import Config, ConfigError, from_dict, load_yaml, save_yaml
 from iqa_dist.images import open_rgb
 from iqa_dist.sources import csvfile
 
@@ -246,19 +247,46 @@ def test_ctrl_c_stops_a_pack_in_one_line_and_the_same_command_continues(tmp_path
     assert pack_main(args) == 0 and (out / "manifest.parquet").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real file system of 16 MB (a tmpfs): room for a micro run's best weights (10 MB),
-    not for a checkpoint with its optimiser state beside them."""
+def _tmpfs(tmp_path: Path, size: str):
+    """A real file system of ``size`` (a tmpfs) at ``tmp_path / "disk"``."""
     import subprocess
 
     if os.geteuid() != 0:
         pytest.skip("mounting a small file system needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True)
     yield disk
     subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """16 MB: room for a micro run's best weights (10 MB), not for a checkpoint with its
+    optimiser state beside them."""
+    yield from _tmpfs(tmp_path, "16m")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """2 MB: room for a few shards of random images, not for a whole set."""
+    yield from _tmpfs(tmp_path, "2m")
+
+
+def test_a_full_disk_in_pack_names_the_folder_and_keeps_the_finished_shards(tmp_path, tiny_disk, capsys):
+    from conftest import make_csv_set
+    from iqa_dist.pack import main as pack_main
+
+    root = make_csv_set(tmp_path / "src")  # 24 random images, about 4.5 MB as PNG
+    out = tiny_disk / "shards"
+    code = pack_main(["--dataset", "csv", "--root", str(root), "--out", str(out), "--shard_size", "4",
+                      "--workers", "0"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert re.fullmatch(rf"error: {out}: no space left on its device \(\d+ MB free\); the finished shards are "
+                        "kept; free space and run the same command", errors[0]), errors[0]
+    assert list(out.glob("*.tar")) and not list(out.glob(f".*{atomic.SUFFIX}"))
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporaries(small_shards, small_disk):
@@ -272,3 +300,23 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporaries(small
     assert "MB needed" in line and "MB free" in line
     assert not [p for p in run_dir.rglob("*") if p.name.startswith((".tmp-", ".")) and p.name.endswith("tmp")]
     assert not list((run_dir / "checkpoints").glob(".tmp-step-*"))
+
+
+def test_a_set_packed_again_while_training_reads_it_is_named_so(small_shards, tmp_path):
+    """Not "unreadable, truncated or corrupted": the shards were replaced under the run."""
+    import shutil
+
+    from iqa_dist.data.stream import ShardError
+    from test_tune import micro
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+
+    def pack_again(epoch, metrics, checkpoint):  # as pack --overwrite does: the manifest goes first
+        (shards / "manifest.parquet").unlink()
+        for shard in shards.glob("*.tar"):
+            shard.write_bytes(b"half a new shard")
+
+    cfg = from_dict(micro(shards, epochs=2, run_dir=str(tmp_path / "run")))
+    with pytest.raises(ShardError, match=rf"^{shards} was packed again while this run read it \({shards}/"):
+        train.train(cfg, callbacks=[pack_again])

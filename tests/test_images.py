@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iqa_dist.images import DEFAULT_MAX_PIXELS, BadImage, max_pixels, open_rgb, read_rgb
+from iqa_dist.images import DEFAULT_MAX_PIXELS, BadImage, check_upsampling, max_pixels, open_rgb, read_rgb
 
 
 def png(width: int, height: int) -> bytes:
@@ -59,3 +59,16 @@ def test_truncated_and_foreign_files_are_bad_images_naming_the_file():
         open_rgb(png(64, 64)[:60], "t.png")
     with pytest.raises(BadImage, match=r"^n\.txt: unreadable image \(not an image format"):
         open_rgb(b"hello", "n.txt")
+
+
+def test_upsampling_a_small_image_to_a_patch_is_held_to_the_pixel_limit(monkeypatch):
+    """A 1x60000 strip (0.06 megapixels) would be 224 x 13.4 million pixels once upsampled."""
+    with pytest.raises(BadImage, match=r"^x.png: 1x60000 is too thin to upsample to a 224-pixel patch "
+                                       r"\(its sides are over 20:1\)$"):
+        check_upsampling(1, 60000, 224, "x.png")
+    check_upsampling(10, 150, 224, "x.png")  # 15:1, 224x3360 pixels: fine at the default limit
+    check_upsampling(300, 9000, 224, "x.png")  # not upsampled at all
+    monkeypatch.setenv("IQA_MAX_PIXELS", "500000")
+    with pytest.raises(BadImage, match=r"^x.png: 10x150 upsampled to a 224-pixel patch is 0.753 megapixels, "
+                                       r"over the limit of 0.5 \(IQA_MAX_PIXELS\)$"):
+        check_upsampling(10, 150, 224, "x.png")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from iqa_dist.data.stream import eval_crops, to_model_input
-from iqa_dist.predict import expand_inputs, fixed_batches, main, score_files
+from iqa_dist.predict import ImageCrops, expand_inputs, fixed_batches, main, score_files
 from iqa_dist.tools import load_trained
 from test_images import declaring, encode
 from test_train import machinery_args, run, train_cmd
@@ -157,3 +157,11 @@ def test_predict_turns_on_the_fast_gpu_kernels(trained_run, folder, gpu_flags_of
     assert main(["--checkpoint", str(trained_run), str(folder / "good.png"), "--device", "cpu",
                  "--workers", "0", "--quiet"]) == 0
     assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+
+
+def test_a_strip_too_thin_to_upsample_is_skipped_naming_why(tmp_path):
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (9, 600)).save(path)  # 0.005 megapixels, 224x14933 once upsampled
+    index, crops, reason = ImageCrops([path], 224, 3, False, 0)[0]
+    assert (index, crops) == (0, None)
+    assert reason == "9x600 is too thin to upsample to a 224-pixel patch (its sides are over 20:1)"

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from iqa_dist.config import ConfigError
+from iqa_dist.images import encode_png
 from iqa_dist.data import handover, stream
 from iqa_dist.pack import PackOptions, pack, read_manifest
 from iqa_dist.data.stream import (EvalPatches, TrainPatches, eval_loader, grid_positions, load_split,
@@ -256,13 +257,14 @@ def broken_copy(shards: Path, dest: Path, how: str, key: str | None = None) -> t
         shard.write_bytes(data[:second_sample])
     elif how == "garbage":
         shard.write_bytes(b"\x00\x01not a tar" * 999)
-    elif how == "bad image":  # a valid tar whose first image does not decode
+    elif how in ("bad image", "thin image"):  # a valid tar whose first image does not decode, or is a strip
         with tarfile.open(shard) as tar:
             members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
         with tarfile.open(shard, "w") as tar:
             bad = key or members[0][0].name.split(".")[0]
             for member, content in members:
-                content = b"\x89PNG garbage" if member.name == f"{bad}.png" else content
+                if member.name == f"{bad}.png":
+                    content = b"\x89PNG garbage" if how == "bad image" else encode_png(Image.new("RGB", (2, 60)))
                 member.size = len(content)
                 tar.addfile(member, io.BytesIO(content))
     return copy, shard
@@ -306,6 +308,19 @@ def test_training_skips_a_bad_sample_and_keeps_the_epoch_exact(small_shards, tmp
     assert len(bad) == 1 and bad[0].startswith(f"{shard}:") and "unreadable image" in bad[0]
     evaluation = eval_loader(split, patch_num=1, patch_size=32, batch_size=4, rank=0, world=1, workers=1)
     assert "unreadable image" in one_line_shard_error(lambda: list(stream.batches(evaluation)), shard)
+
+
+def test_a_strip_too_thin_to_upsample_is_a_bad_sample_in_training_and_an_error_in_evaluation(small_shards,
+                                                                                            tmp_path):
+    copy, shard = broken_copy(small_shards, tmp_path, "thin image")
+    split = load_split(copy, "all")
+    loader = train_loader(split, patch_num=2, patch_size=32, batch_size=4, seed=0, rank=0, world=1,
+                          workers=0, shuffle_buffer=8)
+    bad = [problem for *_, problems in stream.batches(loader) for problem in problems]
+    assert len(bad) == 1 and bad[0].startswith(f"{shard}:") and bad[0].endswith(
+        ": 2x60 is too thin to upsample to a 32-pixel patch (its sides are over 20:1)"), bad
+    evaluation = eval_loader(split, patch_num=1, patch_size=32, batch_size=4, rank=0, world=1, workers=0)
+    assert "2x60 is too thin" in one_line_shard_error(lambda: list(stream.batches(evaluation)), shard)
 
 
 def test_a_split_too_small_or_flat_to_rank_says_why(small_shards):

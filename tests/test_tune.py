@@ -119,20 +119,30 @@ def finished_trials(experiment: Path) -> int:
     return sum(json.loads(t[0])["status"] == "TERMINATED" for t in data["trial_data"])
 
 
+def start_sweep(path: Path) -> subprocess.Popen:
+    """``python -m iqa_dist.tune --config path`` in its own session (it and its Ray: one group)."""
+    return subprocess.Popen([sys.executable, "-m", "iqa_dist.tune", "--config", str(path)], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, late: str) -> None:
+    """Poll ``condition`` while the sweep ``proc`` runs, for up to 300 s."""
+    end = time.time() + 300
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < end, late
+        time.sleep(0.2)
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(small_shards, tmp_path, local_ray):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path, num_samples=3, max_concurrent=1,
                                               scheduler="none", overrides=micro(small_shards, epochs=3))))
-    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.tune", "--config", str(path)], cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     experiment = tmp_path / "s"
+    proc = start_sweep(path)
     try:
-        end = time.time() + 300
-        while finished_trials(experiment) < 1:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < end, "no trial finished in time"
-            time.sleep(0.2)
+        wait_for(lambda: finished_trials(experiment) >= 1, proc, "no trial finished in time")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
         proc.wait()
@@ -147,6 +157,30 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(small_shards, 
     for trial, mtime in done.items():  # finished before the kill: not run again
         assert (experiment / trial / "run" / "results.json").stat().st_mtime_ns == mtime
         assert table.set_index("trial_id").loc[trial.removeprefix("trial_"), "compute_epochs"] == 3
+
+
+def test_sigterm_stops_a_sweep_in_one_line_with_the_resume_command(small_shards, tmp_path):
+    """Ray's own SIGTERM handler dumped a crash report and aborted; Tune, given a SIGINT,
+    saves the sweep and returns as if it were done, which would write a table of the trials
+    so far as the sweep's result."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path, num_samples=2, max_concurrent=1,
+                                              scheduler="none", overrides=micro(small_shards, epochs=50))))
+    experiment = tmp_path / "s"
+    proc = start_sweep(path)
+    try:  # once a trial runs, Tune's loop is on
+        wait_for(lambda: list(experiment.glob("trial_*")), proc, "no trial started in time")
+        proc.send_signal(signal.SIGTERM)  # the driver alone, as `kill PID` or scancel's first signal
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
+    resume = f"python -m iqa_dist.tune --config {path} --resume"
+    assert err.rstrip().splitlines()[-1] == f"interrupted: {resume} continues it"
+    assert not (experiment / "results.csv").exists() and ray_tune.Tuner.can_restore(str(experiment))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -196,14 +230,29 @@ def test_grid_search_enumerates_every_axis(small_shards, tmp_path):
 def test_concurrency_matches_the_gpus_the_sweep_was_given(small_shards, tmp_path, gpu, asked, gpus, runs):
     sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, max_concurrent=asked,
                                         resources_per_trial={"cpu": 1, "gpu": gpu}))
-    assert tune.fit_to_gpus(sweep, gpus).max_concurrent == runs
+    assert tune.fit_to_cluster(sweep, gpus).max_concurrent == runs
 
 
 def test_trials_needing_gpus_on_a_cluster_without_are_refused(small_shards, tmp_path):
     """Ray would keep them pending for ever, saying nothing."""
     sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": 1, "gpu": 1}))
     with pytest.raises(ConfigError, match=r"^resources_per_trial.gpu 1: the Ray cluster has 0 GPU\(s\)"):
-        tune.fit_to_gpus(sweep, 0.0)
+        tune.fit_to_cluster(sweep, 0.0)
+
+
+def test_trials_needing_more_cpus_than_there_are_are_refused(small_shards, tmp_path, local_ray):
+    """A private local Ray is sized to the trials, so it would pretend to have the CPUs; a
+    running cluster's would keep the trials pending for ever."""
+    machine = os.cpu_count()
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": machine + 1}))
+    with pytest.raises(ConfigError, match=rf"^resources_per_trial.cpu {machine + 1}: this machine has {machine} "
+                                          r"CPU\(s\), all a private local Ray gives; ask cpu: "):
+        tune.local_cpus(sweep)
+    assert tune.node_cpus(1, wait_s=0) == 2.0  # the module's Ray: one node of 2 CPUs
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"cpu": 3}))
+    with pytest.raises(ConfigError, match=r"^resources_per_trial.cpu 3: the Ray cluster's largest node has "
+                                          r"2 CPU\(s\)"):
+        tune.fit_to_cluster(sweep, 0.0, tune.node_cpus(sweep.cpu, wait_s=0))
 
 
 def test_a_sweep_folder_holds_one_sweep(small_shards, tmp_path):

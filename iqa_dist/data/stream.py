@@ -51,7 +51,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import handover
-from ..images import BadImage, open_rgb
+from ..images import BadImage, check_upsampling, open_rgb
 from ..config import ConfigError
 from ..pack import PackError, read_manifest, resize_policy
 
@@ -222,11 +222,13 @@ def _worker_message(text: str) -> str:
     return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
 
 
-def _fit(arr: np.ndarray, size: int) -> np.ndarray:
-    """Images smaller than a patch are upsampled so the short side is one patch."""
+def _fit(arr: np.ndarray, size: int, where: str = "image") -> np.ndarray:
+    """Images smaller than a patch are upsampled so the short side is one patch; BadImage
+    naming ``where`` when that is refused (``images.check_upsampling``)."""
     h, w = arr.shape[:2]
     if min(h, w) >= size:
         return arr
+    check_upsampling(w, h, size, where)
     scale = size / min(h, w)
     img = Image.fromarray(arr).resize((max(size, round(w * scale)), max(size, round(h * scale))),
                                       Image.Resampling.BICUBIC)
@@ -358,6 +360,7 @@ class TrainPatches(IterableDataset):
         order = [self.split.shards[i] for i in rng.permutation(len(self.split.shards))]
         owed, last = 0, None
         for sample in _read_in_order(self.split, plan, order):
+            sample = self._fitted(sample)
             if sample.image is None:
                 bad.append(sample.problem)
                 owed += plan[sample.key]
@@ -368,6 +371,16 @@ class TrainPatches(IterableDataset):
             raise ShardError(f"{bad[-1]} (and every other image of a reader of {self.split.root} is bad too)")
         if owed:
             yield from self._crops(last, owed, rng)
+
+    def _fitted(self, sample: Sample) -> Sample:
+        """The sample upsampled to a patch where it is smaller; a bad sample where that is refused."""
+        if sample.image is None:
+            return sample
+        try:
+            return sample._replace(image=_fit(sample.image, self.patch_size,
+                                              f"{self.split.shard_of[sample.key]}:{sample.key}"))
+        except BadImage as err:
+            return Sample(sample.key, None, math.nan, str(err))
 
     def _crops(self, sample: Sample, n: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, float, str]]:
         for patch in train_crops(sample.image, n, self.patch_size, rng):
@@ -464,9 +477,10 @@ def resized(arr: np.ndarray, policy: str) -> np.ndarray:
 
 
 def eval_crops(key: str, arr: np.ndarray, p: int, n: int, random_crop: bool = False,
-               seed: int = 0) -> list[np.ndarray]:
-    """The ``n`` evaluation crops of one decoded image (upsampled first when smaller than a patch)."""
-    arr = _fit(arr, p)
+               seed: int = 0, where: str = "") -> list[np.ndarray]:
+    """The ``n`` evaluation crops of one decoded image (upsampled first when smaller than a
+    patch; BadImage naming ``where``, else ``key``, where that is refused)."""
+    arr = _fit(arr, p, where or key)
     return [arr[y:y + p, x:x + p] for y, x in eval_positions(key, *arr.shape[:2], p, n, random_crop, seed)]
 
 
@@ -489,8 +503,12 @@ class EvalPatches(IterableDataset):
         for sample in _read_in_order(self.split, mine):
             if sample.image is None:  # no skipping: metrics over fewer images would silently differ
                 raise ShardError(sample.problem)
-            image = resized(sample.image, self.resize)
-            for crop in eval_crops(sample.key, image, p, self.patch_num, self.random_crop, self.seed):
+            image, where = resized(sample.image, self.resize), f"{self.split.shard_of[sample.key]}:{sample.key}"
+            try:
+                crops = eval_crops(sample.key, image, p, self.patch_num, self.random_crop, self.seed, where)
+            except BadImage as err:
+                raise ShardError(str(err)) from None
+            for crop in crops:
                 items.append((crop, sample.label, sample.key))
                 if len(items) == self.batch_size:
                     yield _collate(items)
