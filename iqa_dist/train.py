@@ -103,6 +103,9 @@ class StopFlag:
         self.raised = False
         self.signum: int | None = None  # the signal this process received, if any
         self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Catch the signals while the run trains (train() gives them back in the end)."""
         if threading.current_thread() is not threading.main_thread():
             return  # Ray Tune runs a trial in a thread, where signals cannot be caught
         for sig in self.SIGNALS:
@@ -495,6 +498,9 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        # not in __init__: a run refused there would leave its handlers in the process, and a
+        # forked child (a multiprocessing pool's worker) would then ignore SIGTERM
+        self.stop.install()
         resume = ckpt.resolve_resume(cfg.resume, self.run_dir, warn=self.log)
         if resume is not None:  # before anything is written: a refused resume changes nothing
             self.check_same_experiment(resume)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +43,10 @@ def _train(capsys, shards: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
 
 def test_a_second_run_without_resume_is_refused_and_changes_nothing(finished, small_shards, capsys):
     before = _snapshot(finished)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     code, err = _train(capsys, small_shards, finished)
+    # a run refused at start leaves the process's handlers alone (a forked child keeps them)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     assert code == 1
     assert f"error: {finished}: holds an earlier run; --resume latest continues it, --overwrite" in err
     assert _snapshot(finished) == before and not (finished / NAME).exists()
