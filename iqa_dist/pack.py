@@ -19,6 +19,7 @@ re-run with other inputs is refused (or rebuilt with ``--overwrite``), and a mer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -31,7 +32,7 @@ import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import atomic
+from .runlock import LockedError, RunLock
 from .images import DECODING, BadImage, encode_jpeg, encode_png, open_rgb
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
@@ -431,34 +433,52 @@ def pack(dataset: str, root: Path | None, out: Path, options: PackOptions, worke
         raise PackError("--overwrite with --slice would remove the other slices' shards; "
                         f"remove {out} before starting the array job again")
     out.mkdir(parents=True, exist_ok=True)
-    if not sliced:  # the only run writing here: clear what killed runs left
-        _remove_temporaries(out)
-    if dataset == "demo":
-        from .sources import demo
+    with _owned(out, sliced):
+        if not sliced:  # the only run writing here: clear what killed runs left
+            _remove_temporaries(out)
+        if dataset == "demo":
+            from .sources import demo
 
-        root = demo.build(root or out / "_source", seed=options.seed)
-    if root is None:
-        raise LayoutError("--root is required for every data set but demo")
-    reader = get_reader(dataset)
-    unknown = sorted(set(reader_options) - set(reader.options))
-    if unknown:
-        raise LayoutError(f"--{unknown[0]} does not apply to --dataset {dataset}")
-    records, skipped = reader.read(root, **reader_options)
-    if not records:
-        raise LayoutError(f"{root}: no labelled images found")
-    if overwrite:
-        _remove_outputs(out)
-    _claim(out, inputs_record(dataset, root, records, skipped, options))
-    if options.shuffle:  # readers list synthetic sets reference by reference
-        records = [records[i] for i in np.random.default_rng(options.seed).permutation(len(records))]
-    rows, bad = write_shards(records, out, dataset, options, workers, part or (0, 1))
-    skipped += bad
-    report = {"dataset": dataset, "root": str(root), "packed": len(rows),
-              "skipped": [dataclasses.asdict(s) for s in skipped]}
-    if not sliced:
-        finish(rows, reader.info, options, root, out, len(skipped))
-    atomic.write_text(out / _report_name(part), json.dumps(report, indent=1))
-    return report
+            root = demo.build(root or out / "_source", seed=options.seed)
+        if root is None:
+            raise LayoutError("--root is required for every data set but demo")
+        reader = get_reader(dataset)
+        unknown = sorted(set(reader_options) - set(reader.options))
+        if unknown:
+            raise LayoutError(f"--{unknown[0]} does not apply to --dataset {dataset}")
+        records, skipped = reader.read(root, **reader_options)
+        if not records:
+            raise LayoutError(f"{root}: no labelled images found")
+        if overwrite:
+            _remove_outputs(out)
+        _claim(out, inputs_record(dataset, root, records, skipped, options))
+        if options.shuffle:  # readers list synthetic sets reference by reference
+            records = [records[i] for i in np.random.default_rng(options.seed).permutation(len(records))]
+        rows, bad = write_shards(records, out, dataset, options, workers, part or (0, 1))
+        skipped += bad
+        report = {"dataset": dataset, "root": str(root), "packed": len(rows),
+                  "skipped": [dataclasses.asdict(s) for s in skipped]}
+        if not sliced:
+            finish(rows, reader.info, options, root, out, len(skipped))
+        atomic.write_text(out / _report_name(part), json.dumps(report, indent=1))
+        return report
+
+
+@contextlib.contextmanager
+def _owned(out: Path, sliced: bool) -> Iterator[None]:
+    """One pack at a time writes to an ``--out``: a second would clear the first's temporaries
+    and interleave its shards. Slices of an array job share it by design."""
+    if sliced:
+        yield
+        return
+    try:
+        lock = RunLock(out).acquire()
+    except LockedError as err:
+        raise PackError(str(err).replace("another run", "another pack").replace("--run_dir", "--out")) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _report_name(part: tuple[int, int] | None) -> str:

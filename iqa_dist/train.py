@@ -506,7 +506,8 @@ class Trainer:
             self.check_same_experiment(resume)
             self.carry_best_over(resume)
         if self.main:
-            save_yaml(self.given, self.run_dir / "config.yaml")
+            with ckpt.space_for(self.run_dir, "config.yaml", 1 << 20):  # a resume on a full disk, too
+                save_yaml(self.given, self.run_dir / "config.yaml")
             ckpt.clear_preempted(self.run_dir)
         self.accelerator.wait_for_everyone()
         if resume is not None:

@@ -320,3 +320,22 @@ def test_a_set_packed_again_while_training_reads_it_is_named_so(small_shards, tm
     cfg = from_dict(micro(shards, epochs=2, run_dir=str(tmp_path / "run")))
     with pytest.raises(ShardError, match=rf"^{shards} was packed again while this run read it \({shards}/"):
         train.train(cfg, callbacks=[pack_again])
+
+
+def test_two_packs_into_one_folder_cannot_run_at_once(tmp_path, capsys):
+    """A second pack would clear the first one's temporaries; slices of an array job may share."""
+    import json as json_
+    import socket
+
+    from conftest import make_csv_set
+    from iqa_dist.pack import main as pack_main
+
+    root = make_csv_set(tmp_path / "src", n_refs=2, per_ref=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.lock").write_text(json_.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
+    args = ["--dataset", "csv", "--root", str(root), "--out", str(out), "--workers", "0", "--shard_size", "2"]
+    assert pack_main(args) == 2
+    assert f"error: {out}: in use by another pack (pid {os.getpid()} on" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing written
+    assert pack_main([*args, "--slice", "0/2"]) == 0  # an array job's slice shares the folder

@@ -455,11 +455,10 @@ def test_an_unwritable_run_directory_is_one_line_at_start(small_shards, tmp_path
 
 @pytest.mark.slow
 def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
-    run_dir = tmp_path / "ddp"
-    args = machinery_args(small_shards, run_dir, "--epochs", "2")
-    out = run(accelerate_cmd(args, port=free_port()))
+    whole = tmp_path / "ddp"
+    out = run(accelerate_cmd(machinery_args(small_shards, whole, "--epochs", "3"), port=free_port()))
     assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((whole / "results.json").read_text())
     assert results["world_size"] == 2  # two real ranks, not two lone runs
 
     # SIGUSR1 to one rank only: both agree, save, and leave with the preemption code
@@ -479,6 +478,10 @@ def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank} on {socket.gethostname()}: checkpoint saved, exit {EXIT_PREEMPTED}" in err, err[-3000:]
+    # resumed by the same launch, it ends where the uninterrupted 2-rank run did
+    out = run(accelerate_cmd(args + ["--resume", "latest"], port=free_port()))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_identical(final_weights(run_dir), final_weights(whole))
 
 
 @pytest.mark.slow
