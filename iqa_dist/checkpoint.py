@@ -101,8 +101,12 @@ def space_for(run_dir: Path, what: str, need_bytes: int) -> Iterator[None]:
         free = shutil.disk_usage(run_dir).free
         last = checkpoints_dir(run_dir) / "last"
         kept = f"; {last} is unchanged" if last.exists() else ""
-        raise CheckpointError(f"{run_dir}: no space left on its device for {what} (about {need_bytes / 1e6:.0f} "
-                              f"MB needed, {free / 1e6:.0f} MB free){kept}") from None
+        raise CheckpointError(f"{run_dir}: no space left on its device for {what} (about {_size(need_bytes)} "
+                              f"needed, {_size(free)} free){kept}") from None
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def resolve_resume(resume: str | None, run_dir: Path, warn: Callable[[str], None] = print) -> Path | None:

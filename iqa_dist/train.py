@@ -213,7 +213,8 @@ class Trainer:
         lock, problem = None, [None]
         if self.main:
             try:
-                lock = RunLock(self.run_dir).acquire()
+                with ckpt.space_for(self.run_dir, "its lock", 1 << 12):
+                    lock = RunLock(self.run_dir).acquire()
                 self.check_fresh_start()
             except (LockedError, ckpt.CheckpointError) as err:
                 if lock is not None:

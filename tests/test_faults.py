@@ -300,6 +300,19 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporaries(small
     assert "MB needed" in line and "MB free" in line
     assert not [p for p in run_dir.rglob("*") if p.name.startswith((".tmp-", ".")) and p.name.endswith("tmp")]
     assert not list((run_dir / "checkpoints").glob(".tmp-step-*"))
+    with open(small_disk / "filler", "wb") as f:  # now not even config.yaml fits
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    again = run(train_cmd(machinery_args(small_shards, run_dir, "--epochs", "1", "--workers", "0",
+                                         "--resume", "latest")))
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    # the resume's first write is the run's lock: one line too, before anything else is touched
+    assert f"error: {run_dir}: no space left on its device for its lock (about 4 kB needed, 0 kB free)" \
+        in again.stderr
 
 
 def test_a_set_packed_again_while_training_reads_it_is_named_so(small_shards, tmp_path):
