@@ -35,17 +35,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from . import atomic
 from .runlock import LockedError, RunLock
-from .images import DECODING, BadImage, encode_jpeg, encode_png, open_rgb
+from .data.manifest import SPLITS, read_manifest, write_manifest
+from .images import DECODING, BadImage, check_resize, encode_jpeg, encode_png, open_rgb, resize_policy
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
-SPLITS = ("train", "val", "test")
 INPUTS = "pack_inputs.json"
 # The options that shape the shards; rounds and split only shape the manifest, rebuilt every run.
 SHARD_OPTIONS = ("resize", "lossy_quality", "shard_size", "seed", "shuffle")
@@ -71,38 +69,6 @@ class PackOptions:
 
 
 # ---------------------------------------------------------------- pixels
-
-
-def check_resize(policy: str) -> str:
-    """``policy`` when it is one of pack's resize policies, else a ValueError saying so."""
-    short = policy.removeprefix("short:")
-    if policy in ("none", "seed", "koniq") or (short != policy and short.isdigit() and int(short) > 0):
-        return policy
-    raise ValueError(f"resize {policy!r}: not one of none, seed, koniq, short:N (N pixels)")
-
-
-def resize_policy(img: Image.Image, policy: str) -> Image.Image | None:
-    """The resized image, or None when the policy leaves it alone.
-
-    ``seed``: the seed's ``torchvision.transforms.Resize((512, 384))``, which on a PIL
-    image is PIL's antialiased bilinear resize to 384 wide x 512 tall (height first:
-    landscape photos are squashed), for every image. ``koniq``: 512x384 keeping the
-    orientation, bicubic. ``short:N``: the short side down to N, bicubic.
-    """
-    if check_resize(policy) == "none":
-        return None
-    if policy == "seed":
-        return None if img.size == (384, 512) else img.resize((384, 512), Image.Resampling.BILINEAR)
-    if policy == "koniq":
-        size = (512, 384) if img.width >= img.height else (384, 512)
-    else:  # short:N
-        scale = int(policy.removeprefix("short:")) / min(img.size)
-        if scale >= 1:
-            return None
-        size = (round(img.width * scale), round(img.height * scale))
-    if img.size == size:  # e.g. KonIQ's own 512x384 copies: keep their original bytes
-        return None
-    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def stored_image(path: Path, options: PackOptions) -> tuple[bytes, str, Image.Image, str | None]:
@@ -254,24 +220,6 @@ def split_columns(rows: list[dict], info: DatasetInfo, options: PackOptions) -> 
 
 
 # ---------------------------------------------------------------- manifest, info, card
-
-
-def write_manifest(rows: list[dict], out: Path) -> None:
-    path = out / "manifest.parquet"
-    with atomic.temporary(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        atomic.replace(tmp, path)
-
-
-def read_manifest(shards: str | Path) -> list[dict]:
-    path = Path(shards) / "manifest.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest; pack the data set first (python -m iqa_dist.pack)")
-    try:
-        return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as err:  # torn or overwritten by something else
-        raise PackError(f"{path}: unreadable manifest ({str(err).splitlines()[0]}); "
-                        "pack the data set again") from None
 
 
 def info_json(rows: list[dict], info: DatasetInfo, rounds: int) -> dict:
