@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import atomic
 from .runlock import LockedError, RunLock
-from .data.manifest import SPLITS, read_manifest, write_manifest
+from .data.manifest import SPLITS, file_sha1, read_manifest, write_manifest
 from .images import DECODING, BadImage, check_resize, encode_jpeg, encode_png, open_rgb, resize_policy
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
@@ -106,7 +106,7 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
     rows_path = tar_path.with_suffix(".rows.json")
     if tar_path.exists() and rows_path.exists():  # finished by an earlier run
         done = json.loads(rows_path.read_text())
-        return tar_path.name, done["rows"], [Skipped(**s) for s in done["skipped"]]
+        return tar_path.name, _stamped(done["rows"], tar_path), [Skipped(**s) for s in done["skipped"]]
     import webdataset as wds  # here, not at the top: a GPU image without it still imports pack
 
     rows, skipped = [], []
@@ -122,9 +122,20 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
                 sink.write({"__key__": rec.key, ext: data, "json": meta})
                 rows.append(_row(rec, tar_path.name, ext, img, data, note))
         atomic.replace(tmp, tar_path)
+    rows = _stamped(rows, tar_path)
     atomic.write_text(rows_path, json.dumps(
         {"rows": rows, "skipped": [dataclasses.asdict(s) for s in skipped]}))
     return tar_path.name, rows, skipped
+
+
+def _stamped(rows: list[dict], tar_path: Path) -> list[dict]:
+    """``rows`` with their shard's sha1, which a copy staged from a URL is checked against;
+    rows of a shard finished by an older pack get it here, so running the same pack again
+    adds it without packing any image again."""
+    if rows and "shard_sha1" not in rows[0]:
+        sha1 = file_sha1(tar_path)
+        rows = [{**row, "shard_sha1": sha1} for row in rows]
+    return rows
 
 
 def _row(rec: Record, shard: str, ext: str, img: Image.Image, data: bytes, note: str | None) -> dict:
@@ -273,7 +284,10 @@ def verify(out: Path) -> list[str]:
     rows = read_manifest(out)
     expected = {(r["shard"], r["key"]): r for r in rows}
     problems, seen = [], set()
-    for shard in sorted({r["shard"] for r in rows}):
+    sums = {r["shard"]: r.get("shard_sha1") for r in rows}
+    for shard in sorted(sums):
+        if sums[shard] and (out / shard).is_file() and file_sha1(out / shard) != sums[shard]:
+            problems.append(f"{shard}: does not match its shard_sha1")
         try:
             with tarfile.open(out / shard) as tar:
                 for member in tar:
@@ -480,7 +494,8 @@ def _finished_shards(out: Path, dataset: str, count: int) -> list[dict]:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise PackError(f"{out}: cannot merge, {len(missing)} of {count} shards missing ({shown}); "
                         "run their --slice jobs again")
-    return [json.loads((out / n).with_suffix(".rows.json").read_text()) for n in names]
+    done = [json.loads((out / n).with_suffix(".rows.json").read_text()) for n in names]
+    return [{**d, "rows": _stamped(d["rows"], out / n)} for d, n in zip(done, names)]
 
 
 # The seed trains on KonIQ-10k resized as its torchvision Resize((512, 384)) does; other

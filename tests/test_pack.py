@@ -359,6 +359,17 @@ def test_merge_refuses_missing_shards_and_other_options(tmp_path, capsys):
     assert main([*args, "--merge", "--verify"]) == 0 and len(_manifest(out)) == 10
 
 
+def test_verify_checks_each_shard_against_its_recorded_sha1(small_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_shards, copy)
+    shard = _manifest(copy)[0]["shard"]
+    with open(copy / shard, "ab") as f:  # past the archive's end: every image still matches its sha1
+        f.write(b"\0" * 512)
+    assert verify(copy) == [f"{shard}: does not match its shard_sha1"]
+
+
 def test_verify_without_a_manifest_is_one_line(tmp_path, capsys):
     out = tmp_path / "never_packed"
     assert main(["--dataset", "csv", "--out", str(out), "--verify"]) == 2

@@ -3,6 +3,7 @@ Parquet manifest of one row per image (``COLUMNS``, plus a ``split_<r>`` column 
 split round). ``pack`` writes it, the stream and the tools read it; neither knows the other."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,12 +27,21 @@ COLUMNS = {
     "format": "the stored image's extension in the shard",
     "sha1": "of the stored image bytes",
     "shard": "the shard that holds the image, relative to the manifest",
+    "shard_sha1": "of the whole shard file: a copy staged from a URL is checked against it",
     "note": "what packing changed, e.g. a conversion",
 }
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be read; the message is one line naming it."""
+
+
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_manifest(rows: list[dict], out: Path) -> None:
@@ -45,6 +55,11 @@ def read_manifest(shards: str | Path) -> list[dict]:
     path = Path(shards) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; pack the data set first (python -m iqa_dist.pack)")
+    return read_rows(path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a manifest file, whatever its name (a download checks its temporary)."""
     try:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as err:  # torn or overwritten by something else
