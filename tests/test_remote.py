@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from iqa_dist.data.manifest import read_manifest
-from iqa_dist.data.remote import RemoteError, stage
+from iqa_dist.data.remote import RemoteError, main as stage_main, stage
 from iqa_dist.data.stream import load_split
 from iqa_dist.evaluate import main as evaluate_main
 from iqa_dist.pack import PackOptions, pack
@@ -97,8 +97,10 @@ def test_training_evaluation_and_a_resumed_run_read_a_set_over_http(server, smal
     def args(*extra: str) -> list[str]:
         return machinery_args(url, run_dir, "--max_steps_per_epoch", "1", "--cache_dir", str(cache), *extra)
 
-    assert train_main(args("--epochs", "1")) == 0
+    cross = f"pipe:cat {small_shards}/{{}}"
+    assert train_main(args("--epochs", "1", "--cross_datasets", cross)) == 0
     assert sorted(server.requests) == every_file(small_shards)  # each file once
+    assert "srcc" in json.loads((run_dir / "results.json").read_text())[f"cross_{cross}"]
     assert_same_files(stage(url, str(cache)), small_shards)
     fetched = len(server.requests)
     assert train_main(args("--epochs", "2", "--resume", "latest")) == 0
@@ -110,9 +112,10 @@ def test_training_evaluation_and_a_resumed_run_read_a_set_over_http(server, smal
     assert len(server.requests) == fetched  # the resumed run and the evaluation downloaded nothing
 
 
-def test_pipe_cat_stages_a_set_and_a_pipe_without_a_placeholder_is_one_line(small_shards, tmp_path):
-    folder = stage(f"pipe:cat {small_shards}/{{}}", str(tmp_path))
-    assert folder.name == "shards"
+def test_pipe_cat_stages_a_set_and_a_pipe_without_a_placeholder_is_one_line(small_shards, tmp_path, capsys):
+    assert stage_main([f"pipe:cat {small_shards}/{{}}", "--cache_dir", str(tmp_path)]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert folder.name == "shards" and folder.parent.parent == tmp_path
     assert_same_files(folder, small_shards)
     assert len(load_split(folder, "all")) == 24
     with pytest.raises(RemoteError, match=r"^pipe:cat x: a pipe: source needs \{\} where the file name goes"):

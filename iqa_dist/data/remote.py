@@ -17,9 +17,15 @@ rank) reuses it without downloading or hashing it again. The cache folder is key
 source's text (a hash of it): a set packed again behind the same URL needs its cache folder removed.
 Processes staging one source at once (the ranks of a node, or separate jobs) take turns
 by a lock file in the cache, so each file is downloaded once per cache.
+
+Nodes stage on their own: where one node would download for longer than ``dist_timeout_s``
+while the others wait in a collective, stage first, once per node:
+
+    python -m iqa_dist.data.remote https://host/shards/koniq-10k [--cache_dir DIR]
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -248,3 +254,26 @@ def _piped(command: str) -> Iterator[IO[bytes]]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m iqa_dist.data.remote",
+                                description="Stage packed sets from URLs into this node's cache; "
+                                            "prints each one's local folder.")
+    p.add_argument("sources", nargs="+", help="http(s)://, s3://... or pipe:CMD with {} (see the README)")
+    p.add_argument("--cache_dir", help="default: $IQA_CACHE, else ~/.cache/iqa_dist")
+    args = p.parse_args(argv)
+    local = next((s for s in args.sources if not is_remote(s)), None)
+    if local is not None:
+        p.error(f"{local}: not a URL nor pipe: (a local folder is read where it is)")
+    try:
+        for source in args.sources:
+            print(stage(source, args.cache_dir), flush=True)
+    except RemoteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
