@@ -65,8 +65,9 @@ class Config:
     early_stopping: bool = True
     patience: int = 5
     # -- data
-    dataset: str = "koniq-10k"  # packed set under shards_root, or a path to one
+    dataset: str = "koniq-10k"  # packed set under shards_root, a path to one, or a URL (data/remote.py)
     shards_root: str = "shards"
+    cache_dir: str | None = None  # where sets from URLs are staged (default: $IQA_CACHE or ~/.cache/iqa_dist)
     train_patch_num: int = 20  # random crops per image per epoch
     test_patch_num: int = 20  # deterministic grid crops per image at evaluation
     test_random_crop: bool = False  # seeded random crops at evaluation instead of a grid
@@ -99,7 +100,7 @@ class Config:
 RUN_KEYS = frozenset({
     "epochs", "patience", "early_stopping", "workers", "threads", "log_every", "max_steps_per_epoch",
     "dist_timeout_s", "plots", "max_bad_samples", "resume", "run_dir", "overwrite", "allow_changed",
-    "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "compile", "mixed_precision",
+    "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "cache_dir", "compile", "mixed_precision",
     "pretrained", "pretrained_path",  # a resumed model's weights come from its checkpoint
 })
 

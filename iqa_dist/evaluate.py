@@ -110,7 +110,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True,
                    help="run directory, its checkpoints/best, or a model.safetensors next to config.yaml")
-    p.add_argument("--shards", nargs="+", required=True, help="packed sets: paths, or names under shards_root")
+    p.add_argument("--shards", nargs="+", required=True,
+                   help="packed sets: paths, names under shards_root, or URLs (http(s)://, s3://, pipe:CMD {})")
+    p.add_argument("--cache_dir", help="where sets from URLs are staged (default: the trained config's, "
+                                       "else $IQA_CACHE or ~/.cache/iqa_dist)")
     p.add_argument("--split", default="all", choices=("all", "test", "val", "train"))
     p.add_argument("--round", type=int, help="split round (default: the trained config's)")
     p.add_argument("--out", type=Path, help="output folder (default: <run dir>/evaluate)")
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         resize = training_resize(trained.card)
         overrides = {k: v for k, v in (("test_patch_num", args.test_patch_num), ("workers", args.workers),
                                        ("split_round", args.round), ("batch_size", args.batch_size),
-                                       ("mixed_precision", args.mixed_precision)) if v is not None}
+                                       ("mixed_precision", args.mixed_precision),
+                                       ("cache_dir", args.cache_dir)) if v is not None}
         cfg = from_dict(overrides, trained.cfg, where="")  # the config's ranges hold here too
         roots = [shards_path(cfg, s) for s in args.shards]
         splits = [load_split(root, args.split, cfg.split_round) for root in roots]

@@ -1,4 +1,5 @@
-"""Opening image files the way IQA needs: 8-bit RGB, original pixels, clear errors."""
+"""Opening image files the way IQA needs: 8-bit RGB, original pixels, clear errors; and pack's
+resize policies, which evaluation and predict apply to unpacked images too."""
 from __future__ import annotations
 
 import io
@@ -135,3 +136,38 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- pack's resize policies
+
+
+def check_resize(policy: str) -> str:
+    """``policy`` when it is one of pack's resize policies, else a ValueError saying so."""
+    short = policy.removeprefix("short:")
+    if policy in ("none", "seed", "koniq") or (short != policy and short.isdigit() and int(short) > 0):
+        return policy
+    raise ValueError(f"resize {policy!r}: not one of none, seed, koniq, short:N (N pixels)")
+
+
+def resize_policy(img: Image.Image, policy: str) -> Image.Image | None:
+    """The resized image, or None when the policy leaves it alone.
+
+    ``seed``: the seed's ``torchvision.transforms.Resize((512, 384))``, which on a PIL
+    image is PIL's antialiased bilinear resize to 384 wide x 512 tall (height first:
+    landscape photos are squashed), for every image. ``koniq``: 512x384 keeping the
+    orientation, bicubic. ``short:N``: the short side down to N, bicubic.
+    """
+    if check_resize(policy) == "none":
+        return None
+    if policy == "seed":
+        return None if img.size == (384, 512) else img.resize((384, 512), Image.Resampling.BILINEAR)
+    if policy == "koniq":
+        size = (512, 384) if img.width >= img.height else (384, 512)
+    else:  # short:N
+        scale = int(policy.removeprefix("short:")) / min(img.size)
+        if scale >= 1:
+            return None
+        size = (round(img.width * scale), round(img.height * scale))
+    if img.size == size:  # e.g. KonIQ's own 512x384 copies: keep their original bytes
+        return None
+    return img.resize(size, Image.Resampling.BICUBIC)

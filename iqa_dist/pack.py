@@ -35,17 +35,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from . import atomic
 from .runlock import LockedError, RunLock
-from .images import DECODING, BadImage, encode_jpeg, encode_png, open_rgb
+from .data.manifest import SPLITS, file_sha1, read_manifest, write_manifest
+from .images import DECODING, BadImage, check_resize, encode_jpeg, encode_png, open_rgb, resize_policy
 from .sources import DatasetInfo, LayoutError, Record, Skipped, get_reader
 
-SPLITS = ("train", "val", "test")
 INPUTS = "pack_inputs.json"
 # The options that shape the shards; rounds and split only shape the manifest, rebuilt every run.
 SHARD_OPTIONS = ("resize", "lossy_quality", "shard_size", "seed", "shuffle")
@@ -71,38 +69,6 @@ class PackOptions:
 
 
 # ---------------------------------------------------------------- pixels
-
-
-def check_resize(policy: str) -> str:
-    """``policy`` when it is one of pack's resize policies, else a ValueError saying so."""
-    short = policy.removeprefix("short:")
-    if policy in ("none", "seed", "koniq") or (short != policy and short.isdigit() and int(short) > 0):
-        return policy
-    raise ValueError(f"resize {policy!r}: not one of none, seed, koniq, short:N (N pixels)")
-
-
-def resize_policy(img: Image.Image, policy: str) -> Image.Image | None:
-    """The resized image, or None when the policy leaves it alone.
-
-    ``seed``: the seed's ``torchvision.transforms.Resize((512, 384))``, which on a PIL
-    image is PIL's antialiased bilinear resize to 384 wide x 512 tall (height first:
-    landscape photos are squashed), for every image. ``koniq``: 512x384 keeping the
-    orientation, bicubic. ``short:N``: the short side down to N, bicubic.
-    """
-    if check_resize(policy) == "none":
-        return None
-    if policy == "seed":
-        return None if img.size == (384, 512) else img.resize((384, 512), Image.Resampling.BILINEAR)
-    if policy == "koniq":
-        size = (512, 384) if img.width >= img.height else (384, 512)
-    else:  # short:N
-        scale = int(policy.removeprefix("short:")) / min(img.size)
-        if scale >= 1:
-            return None
-        size = (round(img.width * scale), round(img.height * scale))
-    if img.size == size:  # e.g. KonIQ's own 512x384 copies: keep their original bytes
-        return None
-    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def stored_image(path: Path, options: PackOptions) -> tuple[bytes, str, Image.Image, str | None]:
@@ -140,7 +106,7 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
     rows_path = tar_path.with_suffix(".rows.json")
     if tar_path.exists() and rows_path.exists():  # finished by an earlier run
         done = json.loads(rows_path.read_text())
-        return tar_path.name, done["rows"], [Skipped(**s) for s in done["skipped"]]
+        return tar_path.name, _stamped(done["rows"], tar_path), [Skipped(**s) for s in done["skipped"]]
     import webdataset as wds  # here, not at the top: a GPU image without it still imports pack
 
     rows, skipped = [], []
@@ -156,9 +122,20 @@ def _write_shard(job: tuple[Path, str, list[Record], PackOptions]) -> tuple[str,
                 sink.write({"__key__": rec.key, ext: data, "json": meta})
                 rows.append(_row(rec, tar_path.name, ext, img, data, note))
         atomic.replace(tmp, tar_path)
+    rows = _stamped(rows, tar_path)
     atomic.write_text(rows_path, json.dumps(
         {"rows": rows, "skipped": [dataclasses.asdict(s) for s in skipped]}))
     return tar_path.name, rows, skipped
+
+
+def _stamped(rows: list[dict], tar_path: Path) -> list[dict]:
+    """``rows`` with their shard's sha1, which a copy staged from a URL is checked against;
+    rows of a shard finished by an older pack get it here, so running the same pack again
+    adds it without packing any image again."""
+    if rows and "shard_sha1" not in rows[0]:
+        sha1 = file_sha1(tar_path)
+        rows = [{**row, "shard_sha1": sha1} for row in rows]
+    return rows
 
 
 def _row(rec: Record, shard: str, ext: str, img: Image.Image, data: bytes, note: str | None) -> dict:
@@ -256,24 +233,6 @@ def split_columns(rows: list[dict], info: DatasetInfo, options: PackOptions) -> 
 # ---------------------------------------------------------------- manifest, info, card
 
 
-def write_manifest(rows: list[dict], out: Path) -> None:
-    path = out / "manifest.parquet"
-    with atomic.temporary(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        atomic.replace(tmp, path)
-
-
-def read_manifest(shards: str | Path) -> list[dict]:
-    path = Path(shards) / "manifest.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest; pack the data set first (python -m iqa_dist.pack)")
-    try:
-        return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as err:  # torn or overwritten by something else
-        raise PackError(f"{path}: unreadable manifest ({str(err).splitlines()[0]}); "
-                        "pack the data set again") from None
-
-
 def info_json(rows: list[dict], info: DatasetInfo, rounds: int) -> dict:
     """Counts per split and shard, in the layout of timm's WebDataset ``_info.json``."""
     shards = sorted({r["shard"] for r in rows})
@@ -325,7 +284,10 @@ def verify(out: Path) -> list[str]:
     rows = read_manifest(out)
     expected = {(r["shard"], r["key"]): r for r in rows}
     problems, seen = [], set()
-    for shard in sorted({r["shard"] for r in rows}):
+    sums = {r["shard"]: r.get("shard_sha1") for r in rows}
+    for shard in sorted(sums):
+        if sums[shard] and (out / shard).is_file() and file_sha1(out / shard) != sums[shard]:
+            problems.append(f"{shard}: does not match its shard_sha1")
         try:
             with tarfile.open(out / shard) as tar:
                 for member in tar:
@@ -532,7 +494,8 @@ def _finished_shards(out: Path, dataset: str, count: int) -> list[dict]:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise PackError(f"{out}: cannot merge, {len(missing)} of {count} shards missing ({shown}); "
                         "run their --slice jobs again")
-    return [json.loads((out / n).with_suffix(".rows.json").read_text()) for n in names]
+    done = [json.loads((out / n).with_suffix(".rows.json").read_text()) for n in names]
+    return [{**d, "rows": _stamped(d["rows"], out / n)} for d, n in zip(done, names)]
 
 
 # The seed trains on KonIQ-10k resized as its torchvision Resize((512, 384)) does; other

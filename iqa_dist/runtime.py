@@ -13,6 +13,8 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from torch import nn
 
 from .config import Config, ConfigError, for_world
+from .data import remote
+from .data.manifest import MANIFEST
 from .liveness import nccl_error_handling
 from .optim import build_optimizer
 
@@ -79,9 +81,13 @@ def precision(cfg: Config, gpu: bool) -> str:
 
 
 def shards_path(cfg: Config, dataset: str | None = None) -> Path:
+    """The local folder of a packed set: a path, a name under ``shards_root``, or a URL's
+    copy staged into ``cache_dir`` (data/remote.py)."""
     name = dataset or cfg.dataset
+    if remote.is_remote(name):
+        return remote.stage(name, cfg.cache_dir)
     path = Path(name)
-    return path if (path / "manifest.parquet").exists() else Path(cfg.shards_root) / name
+    return path if (path / MANIFEST).exists() else Path(cfg.shards_root) / name
 
 
 def set_determinism(cfg: Config) -> None:

@@ -14,7 +14,7 @@ from accelerate.utils import gather_object
 from .config import Config, ConfigError
 from .data.stream import ShardError, Split, batches, eval_loader, to_model_input
 from .metrics import aggregate_by_key, compute_metrics
-from .pack import check_resize
+from .images import check_resize
 
 
 def card_of(shards: str | Path) -> dict:

@@ -41,6 +41,7 @@ from . import atomic
 from . import checkpoint as ckpt
 from .config import RUN_KEYS, Config, ConfigError, check_pretrained, for_world, parse_config, save_yaml, to_dict
 from .data.jitter import draw as draw_jitter, jittered
+from .data.remote import set_name
 from .data.stream import ShardError, Split, batches, load_split, steps_per_epoch, to_model_input, train_loader
 from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
@@ -86,7 +87,7 @@ class LostRank(RuntimeError):
 
 def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """The run directory, named on rank 0 and shared, so every rank writes the same one."""
-    name = [cfg.run_dir or f"runs/{Path(cfg.dataset).name}-{cfg.model_size}-"
+    name = [cfg.run_dir or f"runs/{set_name(cfg.dataset)}-{cfg.model_size}-"
             f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
     if accelerator.num_processes > 1:
         broadcast_object_list(name)
@@ -642,7 +643,7 @@ def train(cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) ->
 
 
 def train_rounds(cfg: Config, callbacks: Sequence[Callback]) -> dict[str, Any]:
-    base = Path(cfg.run_dir or f"runs/{Path(cfg.dataset).name}-{cfg.model_size}-rounds")
+    base = Path(cfg.run_dir or f"runs/{set_name(cfg.dataset)}-{cfg.model_size}-rounds")
     runs = [train(replace(cfg, rounds=1, split_round=r, seed=cfg.seed + r,
                           run_dir=str(base / f"round-{r}")), callbacks) for r in range(cfg.rounds)]
     summary: dict[str, Any] = {"rounds": runs}

@@ -163,7 +163,8 @@ def absolute_paths(cfg: Config) -> Config:
     dataset = Path(cfg.dataset)
     return replace(cfg, shards_root=str(Path(cfg.shards_root).absolute()),
                    dataset=str(dataset.absolute()) if (dataset / "manifest.parquet").exists() else cfg.dataset,
-                   pretrained_path=cfg.pretrained_path and str(Path(cfg.pretrained_path).absolute()))
+                   pretrained_path=cfg.pretrained_path and str(Path(cfg.pretrained_path).absolute()),
+                   cache_dir=cfg.cache_dir and str(Path(cfg.cache_dir).absolute()))
 
 
 def parse_base(raw: dict, where: str) -> tuple[Config, Config]:

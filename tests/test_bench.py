@@ -45,7 +45,7 @@ def test_koniq_like_set_is_koniq_sized_jpegs_packed_as_koniq(tmp_path):
     from PIL import Image
 
     from iqa_dist.bench import KONIQ_SIZE, koniq_like_set
-    from iqa_dist.pack import read_manifest
+    from iqa_dist.data.manifest import read_manifest
 
     rows = read_manifest(koniq_like_set(tmp_path, 3, workers=0))
     assert len(rows) == 3 and {(r["width"], r["height"]) for r in rows} == {(512, 384)}

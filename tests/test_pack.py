@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from iqa_dist.data.manifest import COLUMNS
 from iqa_dist.pack import PackOptions, main, pack, verify
 from iqa_dist.sources import demo
 
@@ -27,8 +28,7 @@ def _manifest(out):
 def test_manifest_info_and_card(small_shards):
     rows = _manifest(small_shards)
     assert len(rows) == 24 and len({r["key"] for r in rows}) == 24
-    assert {"key", "path", "label", "std", "ref", "distortion", "width", "height", "sha1", "shard",
-            "split_0", "split_1"} <= set(rows[0])
+    assert set(rows[0]) == {*COLUMNS, "split_0", "split_1"}  # the documented schema, no more
     info = json.loads((small_shards / "_info.json").read_text())
     for name in ("train", "val", "test"):
         split = info["splits"][name]
@@ -258,7 +258,7 @@ def test_seed_resize_is_torchvisions_resize_512_384_pixel_for_pixel(size):
     bilinear with antialias, whatever the orientation."""
     from torchvision import transforms
 
-    from iqa_dist.pack import resize_policy
+    from iqa_dist.images import resize_policy
 
     rng = np.random.default_rng(0)
     smooth = np.linspace(0, 255, size[0])[None, :, None] * np.linspace(0, 1, size[1])[:, None, None]
@@ -278,7 +278,7 @@ def test_an_unknown_resize_is_one_line(tmp_path, capsys):
 def test_images_already_at_the_target_size_keep_their_bytes():
     from PIL import Image
 
-    from iqa_dist.pack import resize_policy
+    from iqa_dist.images import resize_policy
 
     assert resize_policy(Image.new("RGB", (512, 384)), "koniq") is None
     assert resize_policy(Image.new("RGB", (384, 512)), "koniq") is None
@@ -357,6 +357,17 @@ def test_merge_refuses_missing_shards_and_other_options(tmp_path, capsys):
     assert _error_line(capsys) == (f"error: {out}: the slices were packed with other settings "
                                    "(options: seed 0 -> 1); merge with the slices' options")
     assert main([*args, "--merge", "--verify"]) == 0 and len(_manifest(out)) == 10
+
+
+def test_verify_checks_each_shard_against_its_recorded_sha1(small_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_shards, copy)
+    shard = _manifest(copy)[0]["shard"]
+    with open(copy / shard, "ab") as f:  # past the archive's end: every image still matches its sha1
+        f.write(b"\0" * 512)
+    assert verify(copy) == [f"{shard}: does not match its shard_sha1"]
 
 
 def test_verify_without_a_manifest_is_one_line(tmp_path, capsys):

@@ -15,7 +15,8 @@ from PIL import Image
 from iqa_dist.config import ConfigError
 from iqa_dist.images import encode_png
 from iqa_dist.data import handover, stream
-from iqa_dist.pack import PackOptions, pack, read_manifest
+from iqa_dist.data.manifest import read_manifest
+from iqa_dist.pack import PackOptions, pack
 from iqa_dist.data.stream import (EvalPatches, TrainPatches, eval_loader, grid_positions, load_split,
                                   steps_per_epoch, to_model_input, train_crops, train_loader)
 

@@ -27,7 +27,8 @@ from iqa_dist.checkpoint import EXIT_PREEMPTED
 from iqa_dist.config import Config, ConfigError, from_dict
 from iqa_dist.data.stream import load_split
 from iqa_dist.optim import build_optimizer, build_scheduler
-from iqa_dist.pack import PackOptions, pack, read_manifest
+from iqa_dist.data.manifest import read_manifest
+from iqa_dist.pack import PackOptions, pack
 from iqa_dist.train import Preempted, Trainer, train
 from iqa_dist.train import main as train_main
 from conftest import free_port

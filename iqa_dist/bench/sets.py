@@ -15,9 +15,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from ..config import ConfigError
+from ..data.manifest import read_manifest
 from ..data.stream import IMAGE_EXTS, MEAN, STD, Split
 from ..models.hyperiqa import PATCH
-from ..pack import read_manifest
 
 
 @contextlib.contextmanager

@@ -51,9 +51,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import handover
-from ..images import BadImage, check_upsampling, open_rgb
+from .manifest import MANIFEST, ManifestError, read_manifest
+from ..images import BadImage, check_upsampling, open_rgb, resize_policy
 from ..config import ConfigError
-from ..pack import PackError, read_manifest, resize_policy
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -104,7 +104,7 @@ class Split:
         """A ShardError now, not mid-epoch, when a shard of the split is gone."""
         for shard in self.shards:
             if not shard.is_file():
-                raise ShardError(f"{shard}: missing (listed in {self.root}/manifest.parquet)")
+                raise ShardError(f"{shard}: missing (listed in {self.root}/{MANIFEST})")
 
     def unrankable(self) -> str | None:
         """Why no correlation can be computed on this split (None: it can)."""
@@ -121,11 +121,11 @@ def load_split(root: str | Path, name: str, round_: int = 0) -> Split:
     root = Path(root)
     try:
         rows = read_manifest(root)
-    except PackError as err:  # to a reader, a damaged manifest is a damaged set of shards
+    except ManifestError as err:  # to a reader, a damaged manifest is a damaged set of shards
         raise ShardError(str(err)) from None
     column = f"split_{round_}"
     if name != "all" and rows and column not in rows[0]:
-        raise ConfigError(f"{root}/manifest.parquet: no split round {round_} (packed with fewer --rounds)")
+        raise ConfigError(f"{root}/{MANIFEST}: no split round {round_} (packed with fewer --rounds)")
     return Split.from_rows(root, name, (r for r in rows if name == "all" or r[column] == name))
 
 
