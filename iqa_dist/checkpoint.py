@@ -14,10 +14,10 @@ Layout of a run directory::
 
 A checkpoint is written into a hidden temporary folder and renamed when complete;
 ``last`` is replaced by an atomic symlink swap; the ``keep_last`` newest step-N are kept.
-A checkpoint damaged later (a full disk,
-a truncated copy) is recognised before it is loaded: ``--resume latest`` then falls back
-to the newest readable ``step-N`` with a warning. Loading uses safetensors and
-``torch.load(weights_only=True)`` only (Accelerate's loader), never arbitrary pickles.
+A checkpoint damaged later (a full disk, a truncated copy) is recognised before it is
+loaded: ``--resume latest`` then falls back to the newest readable ``step-N`` with a warning.
+Loading uses safetensors and ``torch.load(weights_only=True)`` only (Accelerate's loader),
+never arbitrary pickles.
 """
 from __future__ import annotations
 
@@ -222,8 +222,9 @@ def publish(run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) 
     steps = sorted(checkpoints_dir(run_dir).glob("step-*"))
     # newer steps than this one belong to a timeline abandoned by a resume from an older checkpoint
     kept = [p for p in steps if p.name <= final.name][-keep:]
+    spared = marked(run_dir)
     for old in set(steps) - set(kept):
-        if old.name not in marked(run_dir):
+        if old.name not in spared:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -268,8 +269,9 @@ def settle_ranking(run_dir: Path, ranking: list[dict[str, Any]]) -> None:
     """best_k/ranking.json as the newest checkpoint ranks the epochs, then the folders of epochs
     it no longer ranks removed. Called after that checkpoint: a resume from an older one finds
     the folder of every epoch its ranking names."""
+    # an epoch ranked before a resume raised keep_best has no folder: left out, its rank kept
     kept = [dict(e, rank=i + 1, path=best_k_dir(run_dir, e["epoch"]).name) for i, e in enumerate(ranking)
-            if best_k_dir(run_dir, e["epoch"]).is_dir()]  # a keep_best raised on a resume: earlier ones are gone
+            if best_k_dir(run_dir, e["epoch"]).is_dir()]
     write_json(checkpoints_dir(run_dir) / BEST_K / RANKING, kept)
     for folder in (checkpoints_dir(run_dir) / BEST_K).glob("epoch-*"):
         if folder.name not in {e["path"] for e in kept}:

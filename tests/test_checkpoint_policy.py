@@ -1,6 +1,6 @@
-"""Which checkpoints a run keeps: the newest step-N (keep_last) and the best epochs by val
-SRCC (keep_best). Periodic mid-epoch checkpoints (save_every_n_steps) are tested with the
-other resumes, in test_train.py."""
+"""Which checkpoints a run writes and keeps: the newest step-N (keep_last), periodic ones
+(save_every_n_steps; their resume is tested with the others, in test_train.py) and the best
+epochs by val SRCC (keep_best)."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,15 @@ def test_pruning_spares_the_checkpoint_a_preemption_marker_names(tmp_path):
         if step == 1:
             checkpoint.mark_preempted(tmp_path, 0, path)
     assert step_names(tmp_path) == ["step-00000001", "step-00000002"]
+
+
+def test_periodic_checkpoints_count_optimizer_steps_and_land_on_cycle_ends(small_shards, tmp_path):
+    """save_every_n_steps 1 with grad_accum 2: a checkpoint after each optimizer step, so every
+    second micro-batch (step-N counts micro-batches), never between the two of a cycle."""
+    run_dir = tmp_path / "run"
+    train(machinery_config(small_shards, run_dir, epochs=1, max_steps_per_epoch=6, grad_accum=2,
+                           save_every_n_steps=1, keep_last=10))
+    assert step_names(run_dir) == ["step-00000002", "step-00000004", "step-00000006"]
 
 
 SCORES = (0.5, 0.9, 0.7, 0.8)  # val SRCC of epochs 1-4: the best is epoch 2, not the last

@@ -187,8 +187,9 @@ def test_a_run_killed_after_a_periodic_checkpoint_resumes_from_it_bit_identical(
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {last} at epoch 2, step 2/4" in out.stdout
     assert_identical(final_weights(run_dir), final_weights(uninterrupted))
-    losses = [[float(r["train_loss"]) for r in csv.DictReader(open(d / "summary.csv"))] for d in (run_dir, uninterrupted)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    resumed, whole = ([float(r["train_loss"]) for r in csv.DictReader(open(d / "summary.csv"))]
+                      for d in (run_dir, uninterrupted))
+    assert resumed == pytest.approx(whole, rel=1e-6)
 
 
 def test_early_stopping_on_validation_and_a_finished_run_resumes_to_its_test(small_shards, tmp_path):
