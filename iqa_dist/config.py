@@ -104,8 +104,8 @@ RUN_KEYS = frozenset({
     "epochs", "patience", "early_stopping", "workers", "threads", "log_every", "max_steps_per_epoch",
     "dist_timeout_s", "plots", "max_bad_samples", "resume", "run_dir", "overwrite", "allow_changed",
     "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "compile", "mixed_precision",
-    "keep_last", "save_every_n_steps", "keep_best",
     "pretrained", "pretrained_path",  # a resumed model's weights come from its checkpoint
+    "keep_last", "save_every_n_steps", "keep_best",  # which checkpoints are written and kept
 })
 
 _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
