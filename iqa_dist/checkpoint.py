@@ -9,12 +9,15 @@ Layout of a run directory::
     checkpoints/step-N/    full training state (Accelerate's save_state + trainer.json)
     checkpoints/last       symlink to the newest complete step-N
     checkpoints/best/      model.safetensors + config.yaml + metrics.json of the best epoch
+    checkpoints/best_k/    with keep_best > 1: epoch-E/ (as best/) for each of the top epochs
+                           by val SRCC, and ranking.json naming them, best first
 
 A checkpoint is written into a hidden temporary folder and renamed when complete;
-``last`` is replaced by an atomic symlink swap. A checkpoint damaged later (a full disk,
-a truncated copy) is recognised before it is loaded: ``--resume latest`` then falls back
-to the newest readable ``step-N`` with a warning. Loading uses safetensors and
-``torch.load(weights_only=True)`` only (Accelerate's loader), never arbitrary pickles.
+``last`` is replaced by an atomic symlink swap; the ``keep_last`` newest step-N are kept.
+A checkpoint damaged later (a full disk, a truncated copy) is recognised before it is
+loaded: ``--resume latest`` then falls back to the newest readable ``step-N`` with a warning.
+Loading uses safetensors and ``torch.load(weights_only=True)`` only (Accelerate's loader),
+never arbitrary pickles.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from . import atomic
 
 TRAINER_STATE = "trainer.json"
+BEST_K = "best_k"
+RANKING = "ranking.json"
 # The exit code of a rank that saved a checkpoint because it was asked to stop (SIGUSR1,
 # SIGTERM). Launchers (torchrun, accelerate launch) turn a child's code into their own
 # failure, so each rank also leaves <run_dir>/preempted/rank-N.json: the SLURM scripts
@@ -201,8 +206,9 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return checkpoints_dir(run_dir) / f".tmp-step-{step:08d}"
 
 
-def publish(run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Complete a staged checkpoint: write trainer.json, rename, point ``last`` at it."""
+def publish(run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Complete a staged checkpoint: write trainer.json, rename, point ``last`` at it; then
+    keep the ``keep`` newest step-N (``last``'s is the newest) and any a preemption marker names."""
     stage = staging_dir(run_dir, step)
     for f in stage.rglob("*"):  # Accelerate's safetensors files are 0600: a shared run is read by others
         if f.is_file():
@@ -216,9 +222,60 @@ def publish(run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int =
     steps = sorted(checkpoints_dir(run_dir).glob("step-*"))
     # newer steps than this one belong to a timeline abandoned by a resume from an older checkpoint
     kept = [p for p in steps if p.name <= final.name][-keep:]
+    spared = marked(run_dir)
     for old in set(steps) - set(kept):
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in spared:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def marked(run_dir: Path) -> set[str]:
+    """Names of the checkpoints preemption markers name: the SLURM scripts requeue a job to
+    resume from them, so no pruning may take them first."""
+    names = set()
+    for marker in (Path(run_dir) / "preempted").glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            names.add(Path(json.loads(marker.read_text())["checkpoint"]).name)
+    return names
+
+
+@contextlib.contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A folder written whole or not at all: filled under a hidden name, renamed when complete."""
+    stage = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)  # an epoch replayed after a crash writes its folder again
+    os.replace(stage, folder)
+
+
+def ranked(ranking: list[dict[str, Any]], epoch: int, score: float, keep: int) -> list[dict[str, Any]]:
+    """The top ``keep`` epochs, best first, once ``epoch`` (1-based) scored ``score``; an equal
+    score ranks the earlier epoch first, as selection keeps the first best (see Trainer.end_epoch)."""
+    entries = [*ranking, {"epoch": epoch, "val_srcc": score}]
+    return sorted(entries, key=lambda e: (-e["val_srcc"], e["epoch"]))[:keep]
+
+
+def best_k_dir(run_dir: Path, epoch: int) -> Path:
+    return checkpoints_dir(run_dir) / BEST_K / f"epoch-{epoch:04d}"
+
+
+def settle_ranking(run_dir: Path, ranking: list[dict[str, Any]]) -> None:
+    """best_k/ranking.json as the newest checkpoint ranks the epochs, then the folders of epochs
+    it no longer ranks removed. Called after that checkpoint: a resume from an older one finds
+    the folder of every epoch its ranking names."""
+    # an epoch ranked before a resume raised keep_best has no folder: left out, its rank kept
+    kept = [dict(e, rank=i + 1, path=best_k_dir(run_dir, e["epoch"]).name) for i, e in enumerate(ranking)
+            if best_k_dir(run_dir, e["epoch"]).is_dir()]
+    write_json(checkpoints_dir(run_dir) / BEST_K / RANKING, kept)
+    for folder in (checkpoints_dir(run_dir) / BEST_K).glob("epoch-*"):
+        if folder.name not in {e["path"] for e in kept}:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def mark_preempted(run_dir: Path, rank: int, checkpoint: Path) -> None:

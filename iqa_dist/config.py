@@ -93,6 +93,10 @@ class Config:
     max_bad_samples: int = 10  # unreadable images skipped per process before a run stops
     overwrite: bool = False  # start afresh in a run_dir an earlier run left, deleting all it holds
     allow_changed: list[str] = field(default_factory=list)  # keys a resume may change (e.g. [lr])
+    # -- checkpoints (run mechanics: a resume may change them)
+    keep_last: int = 2  # step-N checkpoints kept, the newest (never the one `last` or a preemption marker names)
+    save_every_n_steps: int = 0  # also a checkpoint every this many optimizer steps of the run, mid-epoch (0: off)
+    keep_best: int = 1  # epochs kept by val SRCC: checkpoints/best is the best; above 1, checkpoints/best_k too
 
 
 # Keys that say how a run is carried out, not what it computes: a resume may change them.
@@ -102,6 +106,7 @@ RUN_KEYS = frozenset({
     "dist_timeout_s", "plots", "max_bad_samples", "resume", "run_dir", "overwrite", "allow_changed",
     "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "cache_dir", "compile", "mixed_precision",
     "pretrained", "pretrained_path",  # a resumed model's weights come from its checkpoint
+    "keep_last", "save_every_n_steps", "keep_best",  # which checkpoints are written and kept
 })
 
 _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
@@ -130,6 +135,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "split_round": (0, None), "rounds": (1, None), "seed": (0, 2**32 - 1),  # numpy seeds are unsigned
     "max_steps_per_epoch": (0, None), "log_every": (1, None), "max_bad_samples": (0, None),  # 0: none
     "dist_timeout_s": (1, None),
+    "keep_last": (1, None), "keep_best": (1, None), "save_every_n_steps": (0, None),  # 0: off
 }
 # The model's only input size (models/hyperiqa.py PATCH): its hyper network pools every
 # stage to a fixed 7x7, so another size would fail deep in the first forward pass

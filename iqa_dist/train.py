@@ -143,6 +143,7 @@ class State:
     loss_sum: float = 0.0  # of the current epoch, so a resumed epoch reports the same mean
     finished: bool = False  # early-stopped: a resumed run goes straight to the final test
     bad_samples: int = 0  # unreadable images this process skipped (limit: max_bad_samples)
+    ranking: list[dict] = field(default_factory=list)  # the top keep_best epochs by val SRCC, best first
     history: list[dict] = field(default_factory=list)
 
 
@@ -258,9 +259,10 @@ class Trainer:
     def carry_best_over(self, path: Path) -> None:
         """Resuming another run's checkpoint into this directory: its best weights come
         along, since its best epoch is the one this run must beat and finally test."""
-        theirs, ours = path.parent / "best", ckpt.checkpoints_dir(self.run_dir) / "best"
-        if self.main and theirs.is_dir() and not ours.exists() and theirs.resolve() != ours.resolve():
-            shutil.copytree(theirs, ours)
+        for kept in ("best", ckpt.BEST_K):
+            theirs, ours = path.parent / kept, ckpt.checkpoints_dir(self.run_dir) / kept
+            if self.main and theirs.is_dir() and not ours.exists() and theirs.resolve() != ours.resolve():
+                shutil.copytree(theirs, ours)
         self.accelerator.wait_for_everyone()
 
     # -------------------------------------------------- checkpoints
@@ -274,7 +276,7 @@ class Trainer:
             path = None
             if self.main:
                 state = dict(vars(self.state), scheduler=self.scheduler.state_dict(), experiment=self.experiment())
-                path = ckpt.publish(self.run_dir, self.state.global_step, state)
+                path = ckpt.publish(self.run_dir, self.state.global_step, state, keep=self.cfg.keep_last)
         self.accelerator.wait_for_everyone()
         return path or ckpt.checkpoints_dir(self.run_dir) / f"step-{self.state.global_step:08d}"
 
@@ -309,16 +311,29 @@ class Trainer:
             group["lr"] = base * sched.lr_lambdas[i](sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def save_best(self, metrics: dict[str, float]) -> None:
-        weights = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards
+    def save_best(self, metrics: dict[str, float], improved: bool, ranked: bool) -> None:
+        """The epoch's weights as ``best`` when it improved, and into best_k/epoch-E when it
+        ranks among the top ``keep_best`` (> 1). Every rank decides alike (val SRCC is
+        gathered), so all take part in the gathering of the weights or none does."""
+        if not improved and not ranked:
+            return
+        weights = ckpt.as_fp32(self.accelerator.get_state_dict(self.model))  # gathers ZeRO-3 shards
         if self.main:
-            best = ckpt.checkpoints_dir(self.run_dir) / "best"
-            with ckpt.space_for(self.run_dir, "the best weights", 2 * self.weight_bytes()):  # fp32 of bf16
-                ckpt.save_weights(ckpt.as_fp32(weights), best / "model.safetensors",
-                                  metadata={"model_size": self.cfg.model_size})
-                save_yaml(self.given, best / "config.yaml")
-                ckpt.write_json(best / "metrics.json", dict(metrics, label_card=self.card))
+            metrics = dict(metrics, label_card=self.card)
+            need = 2 * (improved + ranked) * self.weight_bytes()  # fp32 of bf16, in one folder or two
+            with ckpt.space_for(self.run_dir, "the best weights", need):
+                if improved:
+                    self.write_model(ckpt.checkpoints_dir(self.run_dir) / "best", weights, metrics)
+                if ranked:
+                    with ckpt.staged(ckpt.best_k_dir(self.run_dir, self.state.epoch + 1)) as folder:
+                        self.write_model(folder, weights, metrics)
         self.accelerator.wait_for_everyone()
+
+    def write_model(self, folder: Path, weights: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+        """What scoring needs (predict, evaluate): the weights, the config and the epoch's metrics."""
+        ckpt.save_weights(weights, folder / "model.safetensors", metadata={"model_size": self.cfg.model_size})
+        save_yaml(self.given, folder / "config.yaml")
+        ckpt.write_json(folder / "metrics.json", metrics)
 
     def load_into_model(self, weights: dict[str, torch.Tensor]) -> None:
         """Full weights into the training model; under ZeRO-3 its parameters are shards,
@@ -399,7 +414,15 @@ class Trainer:
         before its checkpoint; and at the accumulation boundary where an agreed stop lands."""
         st, cfg = self.state, self.cfg
         return (st.step_in_epoch % cfg.log_every == 0 or st.step_in_epoch == self.steps
-                or (self.stopping and st.step_in_epoch % cfg.grad_accum == 0))
+                or (self.stopping and st.step_in_epoch % cfg.grad_accum == 0) or self.save_due())
+
+    def save_due(self) -> bool:
+        """A periodic checkpoint: every ``save_every_n_steps`` optimizer steps of the run (not of
+        the epoch), mid-epoch (an epoch's end saves after its validation). Epochs are whole
+        accumulation cycles, so a multiple of the cycle in micro-steps is an optimizer step.
+        The global step is the same on every rank: the ranks save together without a collective."""
+        st, every = self.state, self.cfg.save_every_n_steps * self.cfg.grad_accum
+        return every > 0 and st.global_step % every == 0 and st.step_in_epoch < self.steps
 
     def check_window(self, window: torch.Tensor, first: int) -> float:
         """All ranks agree on stopping (a diverged loss, too many bad samples, a stop
@@ -429,6 +452,8 @@ class Trainer:
             path = self.save()
             ckpt.mark_preempted(self.run_dir, acc.process_index, path)
             raise Preempted(self.stop.signum)
+        if self.save_due():  # here, like a stop's: the window's loss is in loss_sum, so it resumes exactly
+            self.save()
         return loss
 
     def count_bad(self, problems: list[str]) -> None:
@@ -454,9 +479,11 @@ class Trainer:
             self.log(f"warning: val SRCC is {val['srcc']} (constant predictions, or fewer than two "
                      f"distinct labels among {len(self.val_split)} val images)")
         improved = st.best_epoch < 0 or score > st.best_srcc  # the first epoch always gives best weights
+        st.ranking = ckpt.ranked(st.ranking, st.epoch + 1, score, cfg.keep_best)
+        ranked = cfg.keep_best > 1 and any(e["epoch"] == st.epoch + 1 for e in st.ranking)
+        self.save_best({f"val_{k}": v for k, v in val.items()} | {"epoch": st.epoch + 1}, improved, ranked)
         if improved:
             st.best_srcc, st.best_epoch, st.bad_epochs = score, st.epoch, 0
-            self.save_best({f"val_{k}": v for k, v in val.items()} | {"epoch": st.epoch + 1})
         else:
             st.bad_epochs += 1
         row = {"epoch": st.epoch + 1, "train_loss": train_loss, "val_srcc": val["srcc"],
@@ -474,6 +501,8 @@ class Trainer:
         st.step_in_epoch, st.loss_sum = 0, 0.0
         st.finished = cfg.early_stopping and st.bad_epochs >= cfg.patience
         path = self.save()
+        if cfg.keep_best > 1 and self.main:
+            ckpt.settle_ranking(self.run_dir, st.ranking)
         for callback in self.callbacks:
             callback(st.epoch, row, path)
         return st.finished

@@ -160,6 +160,9 @@ def test_every_numeric_key_has_a_range():
     ("epochs", "0", "--epochs 0: must be >= 1"),
     ("dropout_rate", "1.5", "--dropout_rate 1.5: must be <= 1"),
     ("seed", "-1", "--seed -1: must be >= 0"),
+    ("keep_last", "0", "--keep_last 0: must be >= 1"),
+    ("keep_best", "0", "--keep_best 0: must be >= 1"),
+    ("save_every_n_steps", "-1", "--save_every_n_steps -1: must be >= 0"),
 ])
 def test_out_of_range_flag_is_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exit_:

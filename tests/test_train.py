@@ -155,6 +155,44 @@ def test_a_stop_signal_saves_mid_epoch_and_resume_is_bit_identical(sig, code, sm
     assert_identical(final_weights(run_dir), final_weights(uninterrupted))
 
 
+# train's command line in a process that SIGKILLs itself as soon as the checkpoint of step
+# argv[1] is complete: a node lost at that instant, with no race against a watching test.
+DIE_AFTER_CHECKPOINT = """
+import os, signal, sys
+from iqa_dist import checkpoint, train
+publish, step = checkpoint.publish, int(sys.argv[1])
+def publish_then_die(run_dir, at, *args, **kwargs):
+    path = publish(run_dir, at, *args, **kwargs)
+    if at == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+checkpoint.publish = publish_then_die
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_a_run_killed_after_a_periodic_checkpoint_resumes_from_it_bit_identical(small_shards, uninterrupted,
+                                                                                tmp_path):
+    """save_every_n_steps counts the run's steps: with 3, step 6 is step 2 of epoch 2 (4 an
+    epoch). Killed right after it, the run resumes there and ends with the weights and the
+    epoch losses of the uninterrupted run, which saved at epoch ends only (log_every 4: the
+    checkpoint holds the loss of its window, not just of the windows before)."""
+    run_dir = tmp_path / "run"
+    args = machinery_args(small_shards, run_dir, "--save_every_n_steps", "3", "--log_every", "4")
+    killed = run([sys.executable, "-c", DIE_AFTER_CHECKPOINT, "6", *args])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = (run_dir / "checkpoints" / "last").resolve()
+    state = json.loads((last / "trainer.json").read_text())
+    assert (last.name, state["epoch"], state["step_in_epoch"]) == ("step-00000006", 1, 2)
+    out = run(train_cmd(args + ["--resume", "latest"]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {last} at epoch 2, step 2/4" in out.stdout
+    assert_identical(final_weights(run_dir), final_weights(uninterrupted))
+    resumed, whole = ([float(r["train_loss"]) for r in csv.DictReader(open(d / "summary.csv"))]
+                      for d in (run_dir, uninterrupted))
+    assert resumed == pytest.approx(whole, rel=1e-6)
+
+
 def test_early_stopping_on_validation_and_a_finished_run_resumes_to_its_test(small_shards, tmp_path):
     run_dir = tmp_path / "run"
     # lr 0: validation never improves after the first epoch
