@@ -3,6 +3,7 @@
     python -m iqa_dist.tune --config configs/sweep_demo.yaml
     python -m iqa_dist.tune --config configs/sweep.yaml --address auto
     python -m iqa_dist.tune --config configs/sweep.yaml --resume
+    python -m iqa_dist.tune --config configs/sweep.yaml --resume auto   # resume if saved, else start
 
 Every trial is one ``iqa_dist.train.train`` run that reports each epoch's validation
 metrics and checkpoint to Tune; a retried, resumed or (PBT) exploiting trial continues
@@ -697,8 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="sweep YAML (see the module docstring)")
     parser.add_argument("--address", help="'auto' or HOST:PORT of a running Ray cluster "
                         "(default: a private local Ray sized by resources_per_trial x max_concurrent)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep <storage_path>/<name> with its saved settings")
+    parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
+                        help="continue the interrupted sweep <storage_path>/<name> with its saved settings; "
+                        "--resume auto: if Tune saved one there, else start it (a requeued slurm/sweep.sh)")
     parser.add_argument("--num_samples", type=int)
     parser.add_argument("--max_concurrent", type=int)
     parser.add_argument("--storage_path")
@@ -707,7 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("num_samples", "max_concurrent", "storage_path", "name")}
     try:
         sweep = load_sweep(args.config, overrides)
-        table = run_sweep(sweep, address=args.address, resume=args.resume)
+        # auto: a job preempted before Tune first saved the sweep has nothing to resume
+        saved = tune.Tuner.can_restore(str(sweep.experiment_dir))
+        resume = args.resume == "yes" or (args.resume == "auto" and saved)
+        table = run_sweep(sweep, address=args.address, resume=resume)
     except (ConfigError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

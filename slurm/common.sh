@@ -8,7 +8,7 @@
 #   IQA_PORT  first of a block of 100 TCP ports for this job (default 20000 + 100 * (job id
 #             % 100), so that jobs sharing a node do not collide; below Linux's ephemeral range)
 #   IQA_HEAD_IP  address of the first node for Ray (default: its name resolved by getent)
-#   IQA_MAX_REQUEUES  requeue a preempted training at most this many times (default 50)
+#   IQA_MAX_REQUEUES  requeue a preempted training or sweep at most this many times (default 50)
 # shellcheck shell=bash
 
 iqa_log() { echo "[$(date +%H:%M:%S)] ${SLURM_JOB_NAME:-iqa}[${SLURM_JOB_ID:-local}]: $*" >&2; }

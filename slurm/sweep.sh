@@ -9,6 +9,13 @@
 #
 # With several nodes the sweep's storage_path must be on a shared file system.
 #
+# Preemption: 120 s before the time limit Slurm sends SIGUSR1 to this script (B:USR1@120;
+# by hand: `scancel --signal=USR1 --batch JOB`). The script stops the sweep driver as
+# Ctrl-C would (Tune saves the sweep; running trials keep their last epoch's checkpoint),
+# stops Ray, and requeues the job (`scontrol requeue`, at most IQA_MAX_REQUEUES times). The
+# requeued job (SLURM_RESTART_COUNT > 0) resumes the sweep Tune saved (`--resume auto`):
+# finished trials stay done, interrupted ones continue from their last checkpoint.
+#
 # Environment (all optional):
 #   IQA_SWEEP_CONFIG  sweep YAML (default configs/sweep.yaml)
 #   IQA_ARGS          extra arguments of iqa_dist.tune, split on blanks (e.g. "--resume")
@@ -26,8 +33,8 @@
 #                     sides must agree (with "token", the head and the driver share
 #                     ~/.ray/auth_token)
 #   IQA_TUNE_MODULE   driver module (default iqa_dist.tune; tests use a stand-in)
-#   VENV, IQA_PORT, IQA_HEAD_IP: see slurm/common.sh (the job's ports: GCS at IQA_PORT,
-#                     Ray's other fixed ports at +1..+7, workers at +10..+99)
+#   VENV, IQA_PORT, IQA_HEAD_IP, IQA_MAX_REQUEUES: see slurm/common.sh (the job's ports:
+#                     GCS at IQA_PORT, Ray's other fixed ports at +1..+7, workers at +10..+99)
 #
 #SBATCH --job-name=iqa-sweep
 #SBATCH --nodes=1
@@ -36,6 +43,9 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=runs/slurm/%x-%j.out
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
@@ -60,6 +70,9 @@ PORT=$(iqa_port)
 ADDRESS=$HEAD_IP:$PORT
 CPUS=$(iqa_step_cpus)
 read -r -a EXTRA <<<"${IQA_ARGS:-}"
+if ((${SLURM_RESTART_COUNT:-0} > 0)); then
+    EXTRA+=(--resume auto)  # requeued: continue the sweep, if Tune had saved it before the stop
+fi
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 export RAY_TMPDIR=$RAY_TMP RAY_USAGE_STATS_ENABLED=0
 
@@ -69,7 +82,7 @@ RAY_COMMON=(--block --temp-dir="$RAY_TMP" --num-cpus="$CPUS" --num-gpus="$GPUS_P
     --min-worker-port=$((PORT + 10)) --max-worker-port=$((PORT + 99))
     --dashboard-agent-listen-port=$((PORT + 2)) --dashboard-agent-grpc-port=$((PORT + 3))
     --runtime-env-agent-port=$((PORT + 4)) --metrics-export-port=$((PORT + 5)))
-STEP_PIDS=()
+STEP_PIDS=() DRIVER="" STOPPED="" PREEMPTED="" REQUEUE=""
 
 cleanup() {
     local rc=$? pid
@@ -94,14 +107,31 @@ cleanup() {
         done
         wait "${STEP_PIDS[@]}" 2>/dev/null || true
     fi
+    if [[ -n $REQUEUE ]]; then rc=0; fi  # the sweep is saved: its Ray logs are not needed
     if [[ $rc == 0 ]]; then rm -rf "$RAY_TMP"; else iqa_log "Ray logs kept in $RAY_TMP on $HEAD"; fi
+    # Only now, with Ray stopped: the requeued job starts its own on the same ports.
+    if [[ -n $REQUEUE ]]; then _iqa_requeue || rc=99; fi
     iqa_log "exit $rc"
     exit "$rc"
 }
+# SIGTERM makes the driver stop Tune as Ctrl-C does (iqa_dist.tune.fit). Once only: a second
+# one would cut Tune's saving of the sweep short.
+stop_driver() {
+    [[ -n $DRIVER && -z $STOPPED ]] || return 0
+    STOPPED=1
+    kill -TERM "$DRIVER" 2>/dev/null || true
+}
+on_usr1() {
+    _IQA_TRAPPED=1 PREEMPTED=1
+    iqa_log "got SIGUSR1: stopping the sweep (Tune saves it), then requeueing"
+    stop_driver
+}
 trap cleanup EXIT
 trap 'exit 143' TERM
+trap on_usr1 USR1
 
-iqa_log "Ray head on $HEAD ($ADDRESS), $NNODES node(s), $CPUS CPUs and $GPUS_PER_NODE GPUs each, temp dir $RAY_TMP"
+iqa_log "Ray head on $HEAD ($ADDRESS), $NNODES node(s), $CPUS CPUs and $GPUS_PER_NODE GPUs each, temp dir $RAY_TMP," \
+    "restart ${SLURM_RESTART_COUNT:-0}"
 srun --nodes=1 --ntasks=1 -w "$HEAD" --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
     ray start --head --node-ip-address="$HEAD_IP" --port="$PORT" \
     --ray-client-server-port=$((PORT + 1)) --include-dashboard=false "${RAY_COMMON[@]}" &
@@ -126,10 +156,14 @@ while :; do
 done
 iqa_log "Ray cluster up: $nodes node(s)"
 
+if [[ -n $PREEMPTED ]]; then REQUEUE=1; exit 99; fi  # signalled while Ray was starting
 # In the background, so that SIGTERM (scancel, time limit) is passed on at once: Slurm
 # signals only the batch shell itself, not its children.
 python -m "${IQA_TUNE_MODULE:-iqa_dist.tune}" --config "$SWEEP_CONFIG" --address "$ADDRESS" "${EXTRA[@]}" &
 DRIVER=$!
-trap '_IQA_TRAPPED=1; iqa_log "got SIGTERM: stopping the sweep driver"; kill -TERM $DRIVER 2>/dev/null || true' TERM
+trap '_IQA_TRAPPED=1; iqa_log "got SIGTERM: stopping the sweep driver"; stop_driver' TERM
+if [[ -n $PREEMPTED ]]; then stop_driver; fi  # signalled as it started
 iqa_wait "$DRIVER"
+# A sweep that ended anyway (done, or failed before the stop) is not requeued.
+if [[ -n $PREEMPTED && $IQA_RC != 0 ]]; then REQUEUE=1; fi
 exit "$IQA_RC"

@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -62,3 +63,46 @@ def test_sweep_sh_runs_four_trials_and_writes_the_best_config(small_shards, tmp_
     assert len(table) == 5 and table[1:] and all("TERMINATED" in row for row in table[1:])
     assert load_yaml(out / "best_config.yaml").model_size == "micro"
     assert not Path(f"/tmp/ray-{job}").exists()
+
+
+def _trials_past_epoch(experiment: Path, epoch: int) -> list[Path]:
+    """Trial folders whose epochs.csv has a row for ``epoch`` (header + one row per epoch)."""
+    from iqa_dist.tune import EPOCH_LOG
+
+    return [p.parent for p in experiment.glob(f"trial_*/{EPOCH_LOG}") if len(p.read_text().splitlines()) > epoch]
+
+
+def test_sweep_sh_preempted_mid_trial_requeues_and_resumes_every_trial(small_shards, tmp_path):
+    """USR1 (what `--signal=B:USR1@120` sends) while trials train: sweep.sh stops the sweep,
+    requeues itself, and the requeued job resumes it. Every trial ends with all its epochs,
+    and a trial stopped mid-run continues from its checkpoint instead of starting over."""
+    from test_tune import micro, sweep_dict
+
+    from iqa_dist.tune import EPOCH_LOG
+
+    epochs, samples = 5, 3
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path / "sweeps", num_samples=samples,
+                                               scheduler="none", overrides=micro(small_shards, epochs=epochs))))
+    log, out = tmp_path / "sweep.out", tmp_path / "sweeps" / "s"
+    job = slurm.submit(["-c", "2", "--mem=6G", "-o", str(log), "slurm/sweep.sh"],
+                       env={"IQA_SWEEP_CONFIG": str(sweep), "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    # Epoch 2's row is written once the report of epoch 1 returned, and Tune lets a trial go
+    # on only once it holds the checkpoint reported: the trial is mid-run with a checkpoint.
+    end = time.time() + 600
+    while not (started := _trials_past_epoch(out, 2)):
+        assert slurm.state(job)[0] not in slurm.FINAL and time.time() < end, slurm.output(log)
+        time.sleep(0.2)
+    slurm.signal_batch(job, "USR1")
+    assert slurm.wait(job, timeout=900) == ("COMPLETED", 0), slurm.output(log)
+    text = slurm.output(log)
+    assert int(slurm.job_info(job).get("Restarts", "0")) == 1 and "requeueing job" in text, text
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == samples and set(table["status"]) == {"TERMINATED"}, table
+    assert (table["epochs_run"] == epochs).all() and (table["failures"] == 0).all(), table
+    for trial in started:
+        trained = list(pd.read_csv(trial / EPOCH_LOG)["epoch"])
+        assert trained.count(1) == 1 and max(trained) == epochs, (trial, trained)  # not started over
+        results = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        # Tune counts a trial's reports since its last restore: a resumed one's restart at 1
+        assert any(r["iterations_since_restore"] < r["training_iteration"] for r in results), (trial, results)

@@ -304,3 +304,25 @@ def test_shipped_sweeps_compare_the_running_best(name):
     sweep = tune.load_sweep(REPO / "configs" / name)
     assert (sweep.metric, sweep.epoch_metric) == (tune.RUNNING_BEST, "val_srcc")
     assert tune.parse_sweep({"overrides": {"model_size": "micro"}}).metric == tune.RUNNING_BEST  # the default
+
+
+@pytest.mark.parametrize("flags, saved, resumed", [
+    (["--resume", "auto"], True, True),
+    (["--resume", "auto"], False, False),  # a requeued job stopped before Tune first saved: start
+    (["--resume"], False, True),  # run_sweep then refuses: nothing to resume
+    ([], True, False),  # run_sweep then refuses: holds a sweep already
+])
+def test_resume_auto_resumes_only_a_sweep_tune_saved(small_shards, tmp_path, monkeypatch, flags, saved, resumed):
+    """slurm/sweep.sh passes --resume auto to a requeued job."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict(small_shards, tmp_path)))
+    asked = []
+
+    def run_sweep(sweep, address, resume):
+        asked.append(resume)
+        raise ConfigError("stopped here")
+
+    folder = str(tmp_path / "s")
+    monkeypatch.setattr(ray_tune.Tuner, "can_restore", staticmethod(lambda path: saved and path == folder))
+    monkeypatch.setattr(tune, "run_sweep", run_sweep)
+    assert tune.main(["--config", str(path), *flags]) == 1 and asked == [resumed]
