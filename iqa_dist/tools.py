@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 from . import atomic
 from .checkpoint import find_model_files, load_weights
-from .config import Config, load_yaml
+from .config import Config, ConfigError, load_yaml
 from .models import HyperIQA, create_model
 
 
@@ -116,6 +116,14 @@ def time_stats_ms(seconds: np.ndarray) -> dict[str, float]:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def checked_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+    """``name`` as a device; a ConfigError naming ``flag`` for a GPU that is not there."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} cuda: no GPU is visible")
+    return device
 
 
 def check_out(out: Path, folder: bool) -> None:
