@@ -54,7 +54,9 @@ def test_every_kind_of_input_scores_as_predict(scorer, tiny_run, photos, tmp_pat
     chw = [torch.tensor(a).permute(2, 0, 1) for a in pixels]
     many = {"paths": [str(p) for p in photos], "Path objects": photos,
             "PIL images": [Image.open(p) for p in photos],  # the JPEG still sideways, with its tag
-            "HWC arrays": pixels, "uint8 CHW tensors": chw, "float 0-1 CHW tensors": [t / 255 for t in chw]}
+            "HWC arrays": pixels, "uint8 CHW tensors": chw, "float 0-1 CHW tensors": [t / 255 for t in chw],
+            # floats are rounded to the nearest 8-bit value, not truncated
+            "float64 tensors a little below": [(t.double() - 0.3).clamp(min=0) / 255 for t in chw]}
     for kind, inputs in many.items():
         scores = scorer(inputs)
         assert isinstance(scores, torch.Tensor) and scores.dtype == torch.float64, kind
@@ -78,7 +80,12 @@ def test_the_card_says_the_scale_and_direction_and_its_resize_is_applied(tiny_ru
     (best / "metrics.json").write_text(json.dumps(metrics))
     scorer = Scorer.from_checkpoint(best, device="cpu")
     assert scorer.lower_better and scorer.card["label_name"] == "DMOS"
-    assert scorer(photos).tolist() == predicted(best, photos, tmp_path / "scores.csv")
+    scores = scorer(photos)
+    assert scores.tolist() == predicted(best, photos, tmp_path / "scores.csv")
+    # the seed's Resize((512, 384)) done beforehand, which the policy then leaves alone
+    resized = [Image.fromarray(np.asarray(read_rgb(p))).resize((384, 512), Image.Resampling.BILINEAR)
+               for p in photos]
+    assert scorer(resized).tolist() == scores.tolist()
     assert not Scorer.from_checkpoint(tiny_run, device="cpu").lower_better
 
 
