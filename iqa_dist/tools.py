@@ -126,13 +126,13 @@ def checked_device(name: str | torch.device, flag: str = "--device") -> torch.de
     return device
 
 
-def check_out(out: Path, folder: bool) -> None:
+def check_out(out: Path, folder: bool, example: str = "scores.csv or scores.parquet") -> None:
     """Refuse an output that cannot be written before any scoring: a file ``out`` that is a
     folder, a folder ``out`` that is a file, or a place without write permission."""
     if folder and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file; give a folder for the results")
     if not folder and out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give a file name such as scores.csv or scores.parquet")
+        raise ValueError(f"--out {out}: is a folder; give a file name such as {example}")
     try:
         atomic.check_writable(out if folder else out.parent)
     except OSError as err:
