@@ -15,6 +15,7 @@ import argparse
 import csv
 import glob
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,13 @@ class ImageCrops(Dataset):
             return i, None, str(err).removeprefix(f"{path}: ")
 
 
+def _parent_stops(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group; interrupted too, a decoding worker
+    blocks on its full pipe and predict waits out the loader's 5 s join for each worker. Left
+    running, they are stopped at once by the parent's interrupted loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _as_is(item: tuple) -> tuple:
     return item  # keep uint8 numpy crops: they are normalised a batch at a time, on the device
 
@@ -108,7 +116,8 @@ def score_files(model: torch.nn.Module, paths: list[Path], plan: CropPlan, *, ba
                 progress: bool = True) -> tuple[list[Scored], list[Skipped]]:
     """Scores of the readable files (in input order) and the files skipped, with reasons."""
     model.eval()
-    loader = DataLoader(ImageCrops(paths, plan), batch_size=None, num_workers=workers, collate_fn=_as_is)
+    loader = DataLoader(ImageCrops(paths, plan), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        worker_init_fn=_parent_stops)
     notes: dict[int, str] = {}
     skipped: list[Skipped] = []
 
