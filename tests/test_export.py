@@ -88,3 +88,16 @@ def test_a_bad_checkpoint_out_or_size_is_one_line(tiny_run, tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert err.startswith(filled(message)) and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_run_scoring_with_random_crops_is_refused(tiny_run):
+    """Its crops are seeded by each file's name, which a graph never sees."""
+    from dataclasses import replace
+
+    from iqa_dist.export import whole_image
+    from iqa_dist.tools import load_trained
+
+    trained = load_trained(tiny_run)
+    assert len(whole_image(trained, (H, W)).corners) == 3
+    with pytest.raises(ValueError, match="random crops"):
+        whole_image(trained._replace(cfg=replace(trained.cfg, test_random_crop=True)), (H, W))

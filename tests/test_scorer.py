@@ -110,8 +110,9 @@ def test_a_bad_input_is_one_clear_error(scorer, tmp_path, bad, error, message):
 
 
 def test_importing_the_package_loads_no_torch_and_scorer_comes_on_first_use():
-    code = ("import sys, iqa_dist; assert 'torch' not in sys.modules, 'torch imported'; "
-            "from iqa_dist import Scorer; print(Scorer.__module__)")
+    code = "import sys, iqa_dist; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "iqa_dist.scorer"
+    assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr[-2000:]
+    import iqa_dist
+
+    assert iqa_dist.Scorer is Scorer  # looked up on first use
