@@ -120,8 +120,7 @@ def _uint8(values: np.ndarray, where: str) -> np.ndarray:
 
 def _hwc(values: np.ndarray, where: str, channels_first: bool) -> np.ndarray:
     shape = "3xHxW" if channels_first else "HxWx3"
-    channels = values.shape[0] if channels_first else values.shape[-1]
-    if values.ndim != 3 or channels != 3:
+    if values.ndim != 3 or values.shape[0 if channels_first else -1] != 3:
         raise BadImage(f"{where}: shape {list(values.shape)}; expected {shape} (RGB)")
     values = _uint8(values, where)
     return np.ascontiguousarray(values.transpose(1, 2, 0) if channels_first else values)
@@ -139,7 +138,10 @@ def decoded(x: Any, where: str) -> tuple[np.ndarray, str]:
     if isinstance(x, np.ndarray):
         return _hwc(x, where, channels_first=False), ""
     if isinstance(x, torch.Tensor):
-        return _hwc(x.detach().cpu().numpy(), where, channels_first=True), ""
+        pixels = x.detach().cpu()
+        # float32 for NumPy, which has no bfloat16 (whose 8 bits cannot hold 256 levels anyway)
+        pixels = pixels.float() if pixels.is_floating_point() else pixels
+        return _hwc(pixels.numpy(), where, channels_first=True), ""
     raise TypeError(f"{where}: {type(x).__name__} is not an image; expected {ACCEPTED}")
 
 

@@ -55,6 +55,7 @@ def test_every_kind_of_input_scores_as_predict(scorer, tiny_run, photos, tmp_pat
     many = {"paths": [str(p) for p in photos], "Path objects": photos,
             "PIL images": [Image.open(p) for p in photos],  # the JPEG still sideways, with its tag
             "HWC arrays": pixels, "uint8 CHW tensors": chw, "float 0-1 CHW tensors": [t / 255 for t in chw],
+            "float16 0-1 CHW tensors": [(t / 255).half() for t in chw],
             # floats are rounded to the nearest 8-bit value, not truncated
             "float64 tensors a little below": [(t.double() - 0.3).clamp(min=0) / 255 for t in chw]}
     for kind, inputs in many.items():
@@ -96,6 +97,7 @@ def test_the_card_says_the_scale_and_direction_and_its_resize_is_applied(tiny_ru
     (np.full((240, 260, 3), 200.0), BadImage, "input: float pixels must lie in 0-1 (these span 200 to 200)"),
     (np.zeros((4, 5, 3), dtype=np.uint8), BadImage, "input: too small to score (5x4)"),
     (12, TypeError, "input: int is not an image; expected a path, a PIL image"),
+    (np.array(5.0), BadImage, "input: shape []; expected HxWx3 (RGB)"),
     ([np.zeros((240, 260, 3), dtype=np.uint8), np.zeros((240, 260), dtype=np.uint8)], BadImage,
      "input 1: shape [240, 260]; expected HxWx3 (RGB)"),
 ])
