@@ -15,6 +15,7 @@ import argparse
 import csv
 import glob
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +28,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import ConfigError
-from .data.stream import eval_crops, resized, to_model_input
+from . import atomic
 from .images import BadImage, max_pixels, read_rgb
 from .runtime import fast_kernels
-from .scoring import training_resize
-from .tools import check_out, default_device, label_scale, load_trained, markdown_table
+from .scorer import CropPlan, mean_scores
+from .tools import check_out, checked_device, default_device, label_scale, load_trained, markdown_table
 
 EXIT_SKIPPED = 1  # some inputs were skipped; the others were scored
 EXIT_ERROR = 2  # nothing scored: bad checkpoint, bad arguments
-MIN_SIDE = 8  # fewer pixels say nothing about quality, and upsampling them would explode
 OUT_FORMATS = (".csv", ".parquet", ".pq")
 
 
@@ -84,10 +83,8 @@ def expand_inputs(args: Iterable[str]) -> tuple[list[Path], list[Skipped]]:
 class ImageCrops(Dataset):
     """(index, uint8 crops [n, p, p, 3] or None, note or reason) of each file."""
 
-    def __init__(self, paths: list[Path], patch_size: int, patch_num: int, random_crop: bool,
-                 seed: int, resize: str = "none") -> None:
-        self.paths, self.patch_size, self.patch_num = paths, patch_size, patch_num
-        self.random_crop, self.seed, self.resize = random_crop, seed, resize
+    def __init__(self, paths: list[Path], plan: CropPlan) -> None:
+        self.paths, self.plan = paths, plan
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -95,22 +92,16 @@ class ImageCrops(Dataset):
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
         path = self.paths[i]
         try:
-            arr = np.asarray(read_rgb(path))
+            return i, *self.plan.crops(np.asarray(read_rgb(path)), str(path))
         except BadImage as err:
             return i, None, str(err).removeprefix(f"{path}: ")
-        h, w = arr.shape[:2]
-        if min(h, w) < MIN_SIDE:
-            return i, None, f"too small to score ({w}x{h})"
-        arr = resized(arr, self.resize)
-        notes = [f"resized {w}x{h} -> {arr.shape[1]}x{arr.shape[0]} (--resize {self.resize}, as the "
-                 "training set)"] if arr.shape[:2] != (h, w) else []
-        h, w, p = *arr.shape[:2], self.patch_size
-        notes += [f"upsampled: {w}x{h} is smaller than a {p} crop"] if min(h, w) < p else []
-        try:
-            crops = eval_crops(str(path), arr, p, self.patch_num, self.random_crop, self.seed)
-        except BadImage as err:
-            return i, None, str(err).removeprefix(f"{path}: ")
-        return i, np.stack(crops), "; ".join(notes)
+
+
+def _parent_stops(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group; interrupted too, a decoding worker
+    blocks on its full pipe and predict waits out the loader's 5 s join for each worker. Left
+    running, they are stopped at once by the parent's interrupted loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _as_is(item: tuple) -> tuple:
@@ -120,32 +111,13 @@ def _as_is(item: tuple) -> tuple:
 # ---------------------------------------------------------------- scoring
 
 
-def fixed_batches(items: Iterable[tuple[int, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(crops, owner index of each crop) in batches of ``size``; an image may straddle two."""
-    crops, owners, held = [], [], 0
-    for owner, image_crops in items:
-        crops.append(image_crops)
-        owners.append(np.full(len(image_crops), owner))
-        held += len(image_crops)
-        while held >= size:
-            all_crops, all_owners = np.concatenate(crops), np.concatenate(owners)
-            yield all_crops[:size], all_owners[:size]
-            crops, owners, held = [all_crops[size:]], [all_owners[size:]], held - size
-    if held:
-        yield np.concatenate(crops), np.concatenate(owners)
-
-
-@torch.no_grad()
-def score_files(model: torch.nn.Module, paths: list[Path], *, patch_size: int, patch_num: int,
-                batch_size: int, device: str | torch.device, workers: int = 0,
-                random_crop: bool = False, seed: int = 0, resize: str = "none",
+def score_files(model: torch.nn.Module, paths: list[Path], plan: CropPlan, *, batch_size: int,
+                device: str | torch.device, workers: int = 0,
                 progress: bool = True) -> tuple[list[Scored], list[Skipped]]:
-    """Scores of the readable files (in input order) and the files skipped, with reasons;
-    ``resize``: pack's policy applied to each image first (see ``training_resize``)."""
+    """Scores of the readable files (in input order) and the files skipped, with reasons."""
     model.eval()
-    loader = DataLoader(ImageCrops(paths, patch_size, patch_num, random_crop, seed, resize), batch_size=None,
-                        num_workers=workers, collate_fn=_as_is)
-    sums, counts = np.zeros(len(paths)), np.zeros(len(paths))
+    loader = DataLoader(ImageCrops(paths, plan), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        worker_init_fn=_parent_stops)
     notes: dict[int, str] = {}
     skipped: list[Skipped] = []
 
@@ -158,12 +130,8 @@ def score_files(model: torch.nn.Module, paths: list[Path], *, patch_size: int, p
             notes[i] = text
             yield i, crops
 
-    dtype = next(model.parameters()).dtype
-    for crops, owners in fixed_batches(readable(), batch_size):
-        preds = model(to_model_input(crops, device, dtype)).float().cpu().numpy()
-        np.add.at(sums, owners, preds)
-        np.add.at(counts, owners, 1)
-    scored = [Scored(str(paths[i]), float(sums[i] / counts[i]), notes[i]) for i in sorted(notes)]
+    means = mean_scores(model, readable(), len(paths), batch_size, device)
+    scored = [Scored(str(paths[i]), float(means[i]), notes[i]) for i in sorted(notes)]
     return scored, skipped
 
 
@@ -171,16 +139,19 @@ def score_files(model: torch.nn.Module, paths: list[Path], *, patch_size: int, p
 
 
 def write_scores(scored: list[Scored], out: Path) -> None:
+    """``out`` whole or not at all: a run stopped while writing leaves no half a table."""
     rows = [vars(s) for s in scored]
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".csv":
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "score", "note"])
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        schema = pa.schema([("path", pa.string()), ("score", pa.float64()), ("note", pa.string())])
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
+    with atomic.temporary(out) as tmp:
+        if out.suffix.lower() == ".csv":
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["path", "score", "note"])
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            schema = pa.schema([("path", pa.string()), ("score", pa.float64()), ("note", pa.string())])
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        atomic.replace(tmp, out)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,10 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             check_out(args.out, folder=False)
         trained = load_trained(args.checkpoint)
-        resize = training_resize(trained.card)
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no GPU is visible")
+        plan = CropPlan.of(trained, args.test_patch_num)
+        device = checked_device(args.device)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
@@ -222,11 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     cfg = trained.cfg
-    scored, unreadable = score_files(
-        trained.model.to(device), paths, patch_size=cfg.patch_size,
-        patch_num=args.test_patch_num or cfg.test_patch_num, batch_size=args.batch_size, device=device,
-        workers=args.workers, random_crop=cfg.test_random_crop, seed=cfg.seed,
-        resize=resize, progress=not args.quiet)
+    scored, unreadable = score_files(trained.model.to(device), paths, plan, batch_size=args.batch_size,
+                                     device=device, workers=args.workers, progress=not args.quiet)
     skipped += unreadable
     if not args.quiet and scored:
         print(f"scores: {label_scale(trained.card)}; model {cfg.model_size} from {trained.weights}")

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 from . import atomic
 from .checkpoint import find_model_files, load_weights
-from .config import Config, load_yaml
+from .config import Config, ConfigError, load_yaml
 from .models import HyperIQA, create_model
 
 
@@ -118,13 +118,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_out(out: Path, folder: bool) -> None:
+def checked_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+    """``name`` as a device; a ConfigError naming ``flag`` for a GPU that is not there."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} cuda: no GPU is visible")
+    return device
+
+
+def check_out(out: Path, folder: bool, example: str = "scores.csv or scores.parquet") -> None:
     """Refuse an output that cannot be written before any scoring: a file ``out`` that is a
     folder, a folder ``out`` that is a file, or a place without write permission."""
     if folder and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file; give a folder for the results")
     if not folder and out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give a file name such as scores.csv or scores.parquet")
+        raise ValueError(f"--out {out}: is a folder; give a file name such as {example}")
     try:
         atomic.check_writable(out if folder else out.parent)
     except OSError as err:

@@ -57,6 +57,15 @@ def demo_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(small_shards, tmp_path_factory) -> Path:
+    """A real run directory from a one-epoch micro training (3 crops per image at test), trained
+    once for the tests that score with a model and leave the run as it is."""
+    from test_predict import train_tiny
+
+    return train_tiny(small_shards, tmp_path_factory.mktemp("tiny-run") / "run")
+
+
 @pytest.fixture
 def host_reads(monkeypatch):
     """``with host_reads() as reads:`` lists the host reads of tensors (``.item()``,

@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from iqa_dist.evaluate import main
-from test_predict import train_tiny
 from test_train import REPO, run
 from conftest import free_port
 
@@ -19,8 +18,8 @@ COLUMNS = {"set", "split", "images", "srcc", "plcc", "plcc_logistic", "krcc", "r
 
 
 @pytest.fixture(scope="module")
-def trained_run(small_shards, tmp_path_factory) -> Path:
-    return train_tiny(small_shards, tmp_path_factory.mktemp("evaluate") / "run")
+def trained_run(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from iqa_dist.data.stream import eval_crops, to_model_input
-from iqa_dist.predict import ImageCrops, expand_inputs, fixed_batches, main, score_files
+from iqa_dist.predict import ImageCrops, expand_inputs, main, score_files
+from iqa_dist.scorer import CropPlan, fixed_batches
 from iqa_dist.tools import load_trained
 from test_images import declaring, encode
 from test_train import machinery_args, run, train_cmd
@@ -28,8 +29,8 @@ def train_tiny(shards: Path, run_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_run(small_shards, tmp_path_factory) -> Path:
-    return train_tiny(small_shards, tmp_path_factory.mktemp("predict") / "run")
+def trained_run(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,8 @@ def test_score_is_the_mean_over_the_evaluation_crops_whatever_the_batching(train
     trained = load_trained(trained_run)
     paths = [folder / "good.png", folder / "tiny.png"]
     # batch 2 with 3 crops per image: the first image's crops straddle two batches
-    scored, skipped = score_files(trained.model, paths, patch_size=224, patch_num=3, batch_size=2,
-                                  device="cpu", progress=False)
+    scored, skipped = score_files(trained.model, paths, CropPlan(224, 3), batch_size=2, device="cpu",
+                                  progress=False)
     assert not skipped
     for path, s in zip(paths, scored):
         arr = np.asarray(Image.open(path).convert("RGB"))
@@ -162,6 +163,39 @@ def test_predict_turns_on_the_fast_gpu_kernels(trained_run, folder, gpu_flags_of
 def test_a_strip_too_thin_to_upsample_is_skipped_naming_why(tmp_path):
     path = tmp_path / "strip.png"
     Image.new("RGB", (9, 600)).save(path)  # 0.005 megapixels, 224x14933 once upsampled
-    index, crops, reason = ImageCrops([path], 224, 3, False, 0)[0]
+    index, crops, reason = ImageCrops([path], CropPlan(224, 3))[0]
     assert (index, crops) == (0, None)
     assert reason == "9x600 is too thin to upsample to a 224-pixel patch (its sides are over 20:1)"
+
+
+def test_ctrl_c_stops_predict_in_one_line_and_writes_nothing(trained_run, tmp_path):
+    """Ctrl-C as a terminal sends it (to predict and its decoding workers), once scoring has
+    demonstrably begun: exit 130, one line, no traceback, no --out and no temporary."""
+    import os
+    import re
+    import signal
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    for i in range(600):  # far more than can be scored before the signal lands
+        (images / f"{i:04d}.png").symlink_to(tmp_path / "a.png")
+    (images / "0002.png").unlink()
+    (images / "0002.png").write_text("not an image\n")  # its "skipped" line: images 0 and 1 are scored by then
+    out = tmp_path / "scores" / "scores.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "iqa_dist.predict", "--checkpoint", str(trained_run), str(images),
+                             "--out", str(out), "--batch_size", "1"], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    for line in proc.stderr:  # waits for the condition itself, a line, not for a time
+        seen += line
+        if f"skipped {images / '0002.png'}" in line:
+            break
+    assert proc.poll() is None, seen[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-3000:]
+    assert "Traceback" not in rest and "Error" not in rest and "written" not in stdout
+    lines = [line for line in re.split(r"[\r\n]", rest) if line.strip() and "img/s" not in line]  # less tqdm's bar
+    assert lines == ["interrupted: no scores written"]
+    assert list(out.parent.iterdir()) == []  # checked writable, then left empty: no half a table

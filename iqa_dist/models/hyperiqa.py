@@ -58,7 +58,8 @@ def pooled(f: torch.Tensor) -> torch.Tensor:
     """``f`` average-pooled to POOL x POOL. When POOL divides its sides (every stage of a
     224 patch) as a plain average pool, the same numbers: adaptive pooling's CUDA backward
     has no deterministic implementation, so ``deterministic: true`` would refuse it."""
-    h, w = f.shape[-2:]
+    # plain ints: the ONNX exporter traces shapes as tensors, and a kernel size must be constant
+    h, w = (int(side) for side in f.shape[-2:])
     if h % POOL or w % POOL:
         return F.adaptive_avg_pool2d(f, POOL)
     return F.avg_pool2d(f, (h // POOL, w // POOL))
@@ -147,7 +148,8 @@ class HyperNetwork(nn.Module):
             h = h.float()
             pooled = h.mean(dim=(2, 3))
             weights = [_fp32_layer(conv, h) for conv in self.weight_convs] + [_fp32_layer(self.last_weight, pooled)]
-            return [(w.reshape(len(x), n_out, n_in), _fp32_layer(fc, pooled))
+            # -1, not len(x): an exported graph keeps its batch size free
+            return [(w.reshape(-1, n_out, n_in), _fp32_layer(fc, pooled))
                     for w, fc, (n_in, n_out) in zip(weights, self.bias_fcs, self.shapes)]
 
 
