@@ -85,7 +85,12 @@ class Config:
     deterministic: bool = False
     resume: str | None = None  # latest | path to a checkpoint directory
     max_steps_per_epoch: int = 0  # cap steps per epoch (0: a full pass); for quick runs
-    log_every: int = 10  # steps between reads of the loss, when the ranks also agree on stopping
+    log_every: int = 10  # steps between reads of the loss, when the ranks also agree on stopping, and
+    #                      between the loss, lr and samples/s points the trackers log
+    # Experiment trackers, Accelerate's: tensorboard (run_dir/tb), mlflow (run_dir/mlruns unless
+    # MLFLOW_TRACKING_URI), wandb (run_dir/wandb unless WANDB_DIR; WANDB_MODE=offline), aim, ...; none
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "iqa_dist"  # the W&B project, the MLflow experiment
     dist_timeout_s: int = 600  # collectives give up after this long (torch's default: 30 min); a rank
     #                            silent 0.6 x this long is declared lost; the others exit with code 3
     plots: bool = True
@@ -101,6 +106,7 @@ RUN_KEYS = frozenset({
     "dist_timeout_s", "plots", "max_bad_samples", "resume", "run_dir", "overwrite", "allow_changed",
     "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "compile", "mixed_precision",
     "pretrained", "pretrained_path",  # a resumed model's weights come from its checkpoint
+    "log_with", "tracker_project",
 })
 
 _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
@@ -172,9 +178,11 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: must not be null")
     base = next(a for a in hint.__args__ if a is not type(None)) if optional else hint
     if typing.get_origin(base) is list:
+        if isinstance(value, str):  # a single item
+            value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
-        return list(value)
+        return [] if value == ["none"] else list(value)
     if isinstance(value, str) and base in (int, float):
         value = _number(base, value)
     ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))

@@ -117,7 +117,7 @@ def test_run_directory_holds_what_users_need(uninterrupted):
     assert {"srcc", "plcc", "krcc", "rmse", "plcc_logistic"} <= set(results["test"])
     assert (run_dir / "checkpoints" / "last").is_symlink()
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()
-    assert list((run_dir / "tb").glob("events.*"))
+    assert list((run_dir / "tb").rglob("events.*"))
     state = json.loads((run_dir / "checkpoints" / "last" / "trainer.json").read_text())
     assert state["global_step"] == 12 and state["epoch"] == 3
 
