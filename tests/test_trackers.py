@@ -37,12 +37,22 @@ def test_an_unknown_tracker_is_one_line_naming_the_choices(small_shards, tmp_pat
 
 def test_mlflow_store_in_the_run_dir_and_a_resumed_run_continues_its_steps(small_shards, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
-    cfg = machinery_config(small_shards, run_dir, **dict(SHORT, epochs=1), log_with=["mlflow"])
+    cfg = machinery_config(small_shards, run_dir, **dict(SHORT, epochs=1), log_with=["tensorboard", "mlflow"])
     train(cfg)
+    tb = run_dir / "tb" / "iqa_dist"
+    with SummaryWriter(str(tmp_path / "lost")) as lost:  # what a run killed after its checkpoint (step 4) logged
+        lost.add_scalar("train/loss", -1.0, 6)
+    # named to be read after the first run's events and before the resumed run's, as it would be
+    [first], [made] = tb.glob("events.*"), (tmp_path / "lost").glob("events.*")
+    made.rename(tb / f"events.out.tfevents.{first.name.split('.')[3]}.~lost")
     train(replace(cfg, epochs=2, resume="latest"))  # the same MLflow run, from global step 4 on
+    events = EventAccumulator(str(tb)).Reload().Scalars("train/loss")
+    assert [e.step for e in events] == STEPS and events[2].value != -1.0  # the resumed run's step 6
     client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
     [experiment] = client.search_experiments(filter_string="name = 'iqa_dist'")
     [run] = client.search_runs([experiment.experiment_id])
@@ -113,7 +123,8 @@ def logged_to_files(small_shards, tmp_path_factory) -> tuple[Path, str, str]:
     args = machinery_args(small_shards, base / "run", *(f"--{k}={v}" for k, v in SHORT.items()))
     with open(base / "out", "w") as out, open(base / "err", "w") as err:
         code = subprocess.run(train_cmd(args), env=env(), stdout=out, stderr=err, cwd=REPO, timeout=300).returncode
-    stdout, stderr = (base / "out").read_text(), (base / "err").read_text()
+    # bytes: reading text would turn each carriage return into a newline
+    stdout, stderr = ((base / name).read_bytes().decode() for name in ("out", "err"))
     assert code == 0, stderr[-3000:]
     return base / "run", stdout, stderr
 
