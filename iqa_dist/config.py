@@ -178,11 +178,11 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: must not be null")
     base = next(a for a in hint.__args__ if a is not type(None)) if optional else hint
     if typing.get_origin(base) is list:
-        if isinstance(value, str):  # a single item
-            value = [value]
+        if name == "log_with":  # also one tracker's name, or none, without a list's brackets
+            value = [] if value in ("none", ["none"]) else [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
-        return [] if value == ["none"] else list(value)
+        return list(value)
     if isinstance(value, str) and base in (int, float):
         value = _number(base, value)
     ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
