@@ -48,6 +48,10 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, step: int) -> No
     if not accelerator.is_main_process or not cfg.log_with:
         return
     ids = saved_ids(run_dir)
+    # Continued tracker runs (a resumed run's, or those of one that stopped before its first
+    # checkpoint) hold the configuration already: MLflow refuses to change a parameter, and a
+    # resume changes some (resume, epochs, ...)
+    config = None if step or ids else hyperparameters(cfg, accelerator.num_processes)
     if "mlflow" in cfg.log_with and "MLFLOW_TRACKING_URI" not in os.environ:
         import mlflow
 
@@ -57,9 +61,6 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, step: int) -> No
         mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
     if "wandb" in cfg.log_with:
         ids.setdefault("wandb", uuid.uuid4().hex[:8])  # W&B takes an id chosen up front
-    # A resumed run continues tracker runs that hold the configuration already (MLflow
-    # refuses to change a parameter, and a resume changes some: resume, epochs, ...)
-    config = None if step else hyperparameters(cfg, accelerator.num_processes)
     accelerator.init_trackers(cfg.tracker_project, config=config, init_kwargs=init_kwargs(run_dir, ids, step))
     if "mlflow" in cfg.log_with:
         ids["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
