@@ -29,10 +29,18 @@ def test_log_with_takes_a_list_a_name_or_none():
     assert parse_config(["--log_with", "[mlflow, wandb]"]).log_with == ["mlflow", "wandb"]
 
 
-def test_an_unknown_tracker_is_one_line_naming_the_choices(small_shards, tmp_path, capsys):
+def test_an_unknown_or_uninstalled_tracker_is_one_line(small_shards, tmp_path, capsys):
     assert train_main(machinery_args(small_shards, tmp_path / "run", "--log_with", "[tensorboard, mlflw]")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: log_with: 'mlflw' is not one of" in err and "mlflow" in err
+    # one Accelerate knows whose package is missing (Accelerate alone would train without it)
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    missing = sorted(set(LoggerType.list()) - {"all"} - {str(t) for t in get_available_trackers()})[0]
+    assert train_main(machinery_args(small_shards, tmp_path / "run", "--log_with", missing)) == 1
+    assert capsys.readouterr().err == f"error: log_with: {missing} is not installed (pip install {missing}; " \
+                                      "pip install -e '.[trackers]' installs mlflow and wandb)\n"
 
 
 def test_mlflow_store_in_the_run_dir_and_a_resumed_run_continues_its_steps(small_shards, tmp_path, monkeypatch):
