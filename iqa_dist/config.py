@@ -103,10 +103,10 @@ class Config:
 # Every other key (and the packed data) defines the experiment, which a resume continues.
 RUN_KEYS = frozenset({
     "epochs", "patience", "early_stopping", "workers", "threads", "log_every", "max_steps_per_epoch",
+    "log_with", "tracker_project",  # what is logged, and where
     "dist_timeout_s", "plots", "max_bad_samples", "resume", "run_dir", "overwrite", "allow_changed",
     "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "compile", "mixed_precision",
     "pretrained", "pretrained_path",  # a resumed model's weights come from its checkpoint
-    "log_with", "tracker_project",
 })
 
 _ALIASES = {  # flags of the original scripts that are not "--no_<bool field>"
