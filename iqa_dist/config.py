@@ -86,7 +86,12 @@ class Config:
     deterministic: bool = False
     resume: str | None = None  # latest | path to a checkpoint directory
     max_steps_per_epoch: int = 0  # cap steps per epoch (0: a full pass); for quick runs
-    log_every: int = 10  # steps between reads of the loss, when the ranks also agree on stopping
+    log_every: int = 10  # steps between reads of the loss, when the ranks also agree on stopping, and
+    #                      between the loss, lr and samples/s points the trackers log
+    # Experiment trackers, Accelerate's: tensorboard (run_dir/tb), mlflow (run_dir/mlruns unless
+    # MLFLOW_TRACKING_URI), wandb (run_dir/wandb unless WANDB_DIR; WANDB_MODE=offline), aim, ...; none
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "iqa_dist"  # the W&B project, the MLflow experiment
     dist_timeout_s: int = 600  # collectives give up after this long (torch's default: 30 min); a rank
     #                            silent 0.6 x this long is declared lost; the others exit with code 3
     plots: bool = True
@@ -103,6 +108,7 @@ class Config:
 # Every other key (and the packed data) defines the experiment, which a resume continues.
 RUN_KEYS = frozenset({
     "epochs", "patience", "early_stopping", "workers", "threads", "log_every", "max_steps_per_epoch",
+    "log_with", "tracker_project",  # what is logged, and where
     "dist_timeout_s", "plots", "max_bad_samples", "resume", "run_dir", "overwrite", "allow_changed",
     "cross_datasets", "spaq", "rounds", "dataset", "shards_root", "cache_dir", "compile", "mixed_precision",
     "pretrained", "pretrained_path",  # a resumed model's weights come from its checkpoint
@@ -179,6 +185,8 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: must not be null")
     base = next(a for a in hint.__args__ if a is not type(None)) if optional else hint
     if typing.get_origin(base) is list:
+        if name == "log_with":  # also one tracker's name, or none, without a list's brackets
+            value = [] if value in ("none", ["none"]) else [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
         return list(value)

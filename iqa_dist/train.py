@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from . import atomic
 from . import checkpoint as ckpt
+from . import tracking
 from .config import RUN_KEYS, Config, ConfigError, check_pretrained, for_world, parse_config, save_yaml, to_dict
 from .data.jitter import draw as draw_jitter, jittered
 from .data.remote import set_name
@@ -47,6 +48,7 @@ from .images import max_pixels
 from .liveness import EXIT_LOST_RANK, Liveness
 from .losses import global_iqa_loss
 from .optim import base_lr, build_scheduler, is_hyper, reset_moments, restarts_each_epoch
+from .progress import Progress
 from .runlock import NAME as LOCK_NAME
 from .runlock import LockedError, RunLock
 from .runtime import compiled, make_accelerator, placed, set_determinism, shards_path
@@ -151,6 +153,7 @@ class Trainer:
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) -> None:
         self.given, self.callbacks = cfg, list(callbacks)  # ``given`` is what config.yaml records
         check_pretrained(cfg)  # before anything is built or written
+        tracking.check(cfg.log_with)
         self.accelerator = make_accelerator(cfg)
         world = self.accelerator.num_processes
         cfg = self.cfg = for_world(cfg, world)
@@ -186,7 +189,6 @@ class Trainer:
         self.state = State()
         self.stop = StopFlag()
         self.stopping = False  # all ranks agreed to stop (at the next accumulation boundary)
-        self.writer = None
         self.lock = self.claim_run_dir() if lock else None
         self.liveness = None
         if world > 1:
@@ -378,36 +380,43 @@ class Trainer:
         self.loader.dataset.set_epoch(st.epoch)
         if st.step_in_epoch == 0 and restarts_each_epoch(self.cfg):  # not mid-epoch: a resumed one keeps them
             reset_moments(self.optimizer)
-        bar = tqdm(total=self.steps, initial=st.step_in_epoch, disable=not self.main,
-                   desc=f"epoch {st.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True, leave=False)
+        bar = Progress(self.steps, st.step_in_epoch, f"epoch {st.epoch + 1}/{self.cfg.epochs}", self.main)
         try:
             self.run_steps(bar)
         finally:  # a failing step must not leave a half-drawn bar in front of its error line
             bar.close()
         return st.loss_sum / max(1, st.step_in_epoch)
 
-    def run_steps(self, bar: tqdm) -> None:
+    def run_steps(self, bar: Progress) -> None:
         st = self.state
         epoch = islice(batches(self.loader), st.step_in_epoch, self.steps)  # replays a resumed epoch
         # The losses stay on the device and are read once per window (check_window): a read
         # per step would make the host wait for the GPU every step, leaving it idle while
         # the next batch is prepared.
         window, start, seen = torch.zeros((), device=self.accelerator.device), time.time(), 0
-        first = st.step_in_epoch
+        first = begun = st.step_in_epoch
         for images, labels, _, bad in epoch:
             self.count_bad(bad)
             window += self.train_step(images, labels)
             st.step_in_epoch += 1
             st.global_step += 1
             seen += len(labels) * self.accelerator.num_processes
-            bar.update(1)
+            bar.update()
             if self.window_ends():
-                loss = self.check_window(window, first)
-                bar.set_postfix(loss=f"{loss / (st.step_in_epoch - first):.3f}",
-                                lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                samples_s=f"{seen / (time.time() - start):.0f}")
+                loss = self.check_window(window, first) / (st.step_in_epoch - first)
+                elapsed = time.time() - start
+                self.accelerator.log({"train/loss": loss, **self.lrs(), "train/samples_per_s": seen / elapsed},
+                                     step=st.global_step)
+                bar.window(st.step_in_epoch, loss, self.scheduler.get_last_lr()[0], seen / elapsed,
+                           elapsed / (st.step_in_epoch - begun) * (self.steps - st.step_in_epoch))
                 window.zero_()
                 first = st.step_in_epoch
+
+    def lrs(self) -> dict[str, float]:
+        """The lr of the backbone and of the hyper network (each has groups with and without
+        weight decay, at the same lr)."""
+        return {f"train/lr_{'hyper' if is_hyper(group) else 'backbone'}": group["lr"]
+                for group in self.optimizer.param_groups}
 
     def window_ends(self) -> bool:
         """Every ``log_every`` steps; at the epoch's end, so that a diverged loss is caught
@@ -508,7 +517,9 @@ class Trainer:
         return st.finished
 
     def write_epoch(self, row: dict) -> None:
-        """summary.csv rewritten from the history (a resumed run never repeats a row), and TensorBoard."""
+        """summary.csv rewritten from the history (a resumed run never repeats a row), and the
+        trackers, at the global step (the per-step points' axis; ``epoch`` is one of the values)."""
+        self.accelerator.log(row, step=self.state.global_step)
         if not self.main:
             return
         with ckpt.space_for(self.run_dir, "summary.csv", 1 << 20), io.StringIO() as text:
@@ -516,14 +527,6 @@ class Trainer:
             writer.writeheader()
             writer.writerows(self.state.history)
             atomic.write_text(self.run_dir / "summary.csv", text.getvalue())
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        for k, v in row.items():
-            if k != "epoch":
-                self.writer.add_scalar(k, v, row["epoch"])
-        self.writer.flush()
 
     # -------------------------------------------------- whole run
 
@@ -543,6 +546,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if resume is not None:
             self.load(resume)
+        tracking.start(self.accelerator, self.cfg, self.run_dir, self.state.global_step)
         if self.accelerator.num_processes > 1:  # where each rank runs: a multi-node run's log shows both
             print(f"rank {self.accelerator.process_index}/{self.accelerator.num_processes} on "
                   f"{socket.gethostname()} (pid {os.getpid()}, local rank {self.accelerator.local_process_index})",
@@ -588,8 +592,6 @@ class Trainer:
             ckpt.write_json(self.run_dir / "results.json", results)
             if self.cfg.plots:
                 plot_run(self.run_dir, self.state.history, test_preds)
-            if self.writer is not None:
-                self.writer.close()
             t = results["test"]
             self.log(f"test (best epoch {results['best_epoch']}): SRCC {t['srcc']:.4f}  PLCC {t['plcc']:.4f}  "
                      f"KRCC {t['krcc']:.4f}  RMSE {t['rmse']:.3f}\nresults in {self.run_dir}")
@@ -665,7 +667,10 @@ def train(cfg: Config, callbacks: Sequence[Callback] = (), lock: bool = True) ->
         if trainer.lock:
             trainer.lock.release()
         if not lost:  # the process group of a run that lost a rank is not worth a clean shutdown
-            trainer.accelerator.end_training()  # without it DeepSpeed on CPU may abort at exit
+            trainer.accelerator.end_training()  # without it DeepSpeed on CPU may abort at exit; ends the trackers
+        else:
+            for tracker in trainer.accelerator.trackers:
+                tracker.finish()
     if live:
         live.stop()
     return results

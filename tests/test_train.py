@@ -118,7 +118,7 @@ def test_run_directory_holds_what_users_need(uninterrupted):
     assert {"srcc", "plcc", "krcc", "rmse", "plcc_logistic"} <= set(results["test"])
     assert (run_dir / "checkpoints" / "last").is_symlink()
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").exists()
-    assert list((run_dir / "tb").glob("events.*"))
+    assert list((run_dir / "tb").rglob("events.*"))
     state = json.loads((run_dir / "checkpoints" / "last" / "trainer.json").read_text())
     assert state["global_step"] == 12 and state["epoch"] == 3
 
@@ -499,6 +499,11 @@ def test_two_cpu_ranks_train_together_and_stop_together(small_shards, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((whole / "results.json").read_text())
     assert results["world_size"] == 2  # two real ranks, not two lone runs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = (whole / "tb" / "iqa_dist").glob("events.*")  # the trackers log on rank 0 only
+    # 3 epochs of 3 global batches (12 images x 2 patches / 8), log_every 1: the global steps
+    assert [e.step for e in EventAccumulator(str(events)).Reload().Scalars("train/loss")] == list(range(1, 10))
 
     # SIGUSR1 to one rank only: both agree, save, and leave with the preemption code
     run_dir = tmp_path / "ddp-stop"
