@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ import ray
 import timm
 import yaml
 from ray import tune as ray_tune
+from ray.tune.search import ConcurrencyLimiter
 
 from iqa_dist import tune, weights
 from iqa_dist.config import ConfigError, load_yaml
@@ -304,3 +306,82 @@ def test_shipped_sweeps_compare_the_running_best(name):
     sweep = tune.load_sweep(REPO / "configs" / name)
     assert (sweep.metric, sweep.epoch_metric) == (tune.RUNNING_BEST, "val_srcc")
     assert tune.parse_sweep({"overrides": {"model_size": "micro"}}).metric == tune.RUNNING_BEST  # the default
+
+
+# ---------------------------------------------------------------- model-based search, loggers, schedulers
+
+
+class TunerSpy(ray_tune.Tuner):
+    """The Tuner, recording the search algorithm it is handed."""
+
+    search_algs: list = []
+
+    def __init__(self, *args, tune_config=None, **kwargs):
+        TunerSpy.search_algs.append(tune_config.search_alg if tune_config else None)
+        super().__init__(*args, tune_config=tune_config, **kwargs)
+
+
+@pytest.fixture
+def tuner_spy(monkeypatch):
+    monkeypatch.setattr(ray_tune, "Tuner", TunerSpy)
+    TunerSpy.search_algs = []
+    return TunerSpy.search_algs
+
+
+class StopAfterFirstTrial(ray_tune.Callback):
+    """Ctrl-C to the sweep once its first trial is done (once: Tune pickles its callbacks
+    and a resumed sweep runs them again; the marker file remembers)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.marker.exists():
+            self.marker.touch()
+            signal.raise_signal(signal.SIGINT)
+
+
+def proposals(sweep: tune.Sweep, n: int) -> list[dict]:
+    """The first ``n`` configs the sweep's own searcher proposes, replayed outside Tune."""
+    searcher = tune.make_search(replace(sweep, max_concurrent=None))
+    searcher.set_search_properties(sweep.metric, sweep.mode, tune.param_space(sweep))
+    return [searcher.suggest(f"replay{i}") for i in range(n)]
+
+
+def tried(table: pd.DataFrame) -> list[dict]:
+    return [{key: row[key] for key in SEARCHED} for _, row in table.iterrows()]
+
+
+def test_optuna_proposes_the_trials_seeded_and_a_resumed_sweep_goes_on_where_it_was(
+        small_shards, tmp_path, local_ray, tuner_spy):
+    from ray.tune.search.optuna import OptunaSearch
+
+    raw = sweep_dict(small_shards, tmp_path, search="optuna", seed=7, num_samples=2, max_concurrent=1,
+                     scheduler="none", overrides=micro(small_shards, epochs=1))
+    with pytest.raises(tune.SweepInterrupted):
+        tune.run_sweep(raw, callbacks=[StopAfterFirstTrial(tmp_path / "stopped")])
+    [limiter] = tuner_spy
+    assert isinstance(limiter, ConcurrencyLimiter) and limiter.max_concurrent == 1
+    assert isinstance(limiter.searcher, OptunaSearch)
+    assert finished_trials(tmp_path / "s") == 1
+
+    table = tune.run_sweep(raw, resume=True)
+    assert len(table) == 2 and set(table["status"]) == {"TERMINATED"}
+    sweep = tune.parse_sweep(raw)
+    expected = proposals(sweep, 2)  # the searcher's state came back with the resume: no repeats
+    assert tried(table) == [pytest.approx(config) for config in expected]
+    assert expected != proposals(replace(sweep, seed=8), 2)  # the seed decides
+
+
+@pytest.mark.parametrize("search, searcher", [("hyperopt", "HyperOptSearch"), ("bohb", "TuneBOHB")])
+def test_model_based_search_proposes_the_trials(small_shards, tmp_path, local_ray, tuner_spy, search, searcher):
+    raw = sweep_dict(small_shards, tmp_path, search=search, num_samples=2, overrides=micro(small_shards, epochs=1))
+    table = tune.run_sweep(raw)
+    [limiter] = tuner_spy
+    assert type(limiter.searcher).__name__ == searcher and limiter.max_concurrent == 2
+    assert len(table) == 2 and set(table["status"]) == {"TERMINATED"}
+    sweep = tune.parse_sweep(raw)
+    assert sweep.seed == 42  # the base config's, by default
+    assert tried(table) == [pytest.approx(config) for config in proposals(sweep, 2)]
+    if search == "bohb":  # with its own HyperBand over the trials' epochs
+        assert isinstance(tune.make_scheduler(sweep), ray_tune.schedulers.HyperBandForBOHB)
