@@ -385,3 +385,77 @@ def test_model_based_search_proposes_the_trials(small_shards, tmp_path, local_ra
     assert tried(table) == [pytest.approx(config) for config in proposals(sweep, 2)]
     if search == "bohb":  # with its own HyperBand over the trials' epochs
         assert isinstance(tune.make_scheduler(sweep), ray_tune.schedulers.HyperBandForBOHB)
+
+
+def test_loggers_write_an_mlflow_run_and_an_offline_wandb_run_per_trial(small_shards, tmp_path, local_ray,
+                                                                         monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: a file store in the sweep
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never a network call
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    table = tune.run_sweep(sweep_dict(small_shards, tmp_path, num_samples=2, scheduler="none",
+                                      loggers=["csv", "json", "mlflow", "wandb"]))
+    trials = table.set_index("trial_id")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks it of a file store's readers
+    client = MlflowClient(tracking_uri=(tmp_path / "s" / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    of_run = {run.info.run_id: [t for t in trials.index if run.data.tags["trial_name"].endswith(t)] for run in runs}
+    assert sorted(sum(of_run.values(), [])) == sorted(trials.index)  # one run per trial
+    for run in runs:
+        [trial] = of_run[run.info.run_id]
+        epochs = pd.read_csv(Path(trials.loc[trial, "run_dir"]).parent / tune.EPOCH_LOG)
+        history = client.get_metric_history(run.info.run_id, "val_srcc")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(epochs["val_srcc"]))
+        assert float(run.data.params["lr"]) == pytest.approx(trials.loc[trial, "lr"])
+    offline = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert sorted(path.name.rsplit("-", 1)[1] for path in offline) == sorted(trials.index)
+    assert not list((tmp_path / "s").glob("trial_*/events.out.tfevents*"))  # tensorboard was not asked
+
+
+def frozen_and_diverging(small_shards: Path, tmp_path: Path, scheduler: dict, epochs: int, **extra) -> dict:
+    """A grid of two trials on these random labels: lr 0 keeps the model as it starts (the val
+    RMSE of the untrained model, about 64, every epoch); lr 0.01 diverges (RMSE in the
+    thousands from epoch 1). Exact ranks for a scheduler, where trained SRCCs would be noise."""
+    return sweep_dict(small_shards, tmp_path, search="grid", num_samples=1, metric="val_rmse", mode="min",
+                      space={"lr": {"type": "uniform", "low": 0.0, "high": 0.01, "num": 2}}, scheduler=scheduler,
+                      overrides=micro(small_shards, epochs=epochs, early_stopping=False), **extra)
+
+
+def epoch_logs(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {row.trial_id: pd.read_csv(Path(row.run_dir).parent / tune.EPOCH_LOG) for row in table.itertuples()}
+
+
+def test_asha_stops_the_diverging_trial_at_its_first_rung(small_shards, tmp_path, local_ray):
+    """One trial at a time, the diverging one second: the rung at epoch 1 holds the frozen
+    trial's RMSE and stops it; it would train to max_t (2 epochs) under FIFO."""
+    table = tune.run_sweep(frozen_and_diverging(small_shards, tmp_path, epochs=2, max_concurrent=1,
+                                                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    logs = epoch_logs(table)
+    frozen, diverging = (logs[t] for t in table.sort_values("lr")["trial_id"])
+    assert list(frozen["epoch"]) == [1, 2]  # max_t: the trials' epochs
+    assert list(diverging["epoch"]) == [1]  # stopped at the rung
+    assert diverging["val_rmse"][0] > 10 * frozen["val_rmse"][0]
+
+
+def test_pbt_clones_the_better_trial_into_the_worse_one(small_shards, tmp_path, local_ray):
+    """Both trials wait for each other at epoch 2 (synch); the diverging one then takes the
+    frozen one's epoch-2 checkpoint and its lr (0, perturbed: 0 x 0.8 or 1.2) and trains
+    epoch 3 from there: its epoch 3 scores the frozen weights."""
+    table = tune.run_sweep(frozen_and_diverging(small_shards, tmp_path, epochs=3, max_concurrent=2, scheduler={
+        "type": "pbt", "perturbation_interval": 2, "synch": True, "resample_probability": 0.0}))
+    logs = epoch_logs(table)
+    policies = list((tmp_path / "s").glob("pbt_policy_*.txt"))  # PBT's record of each exploit
+    assert len(policies) == 1
+    exploited = policies[0].stem.removeprefix("pbt_policy_")
+    [donor] = set(logs) - {exploited}
+    [policy] = [json.loads(line) for line in policies[0].read_text().splitlines()]
+    assert policy[4:] == [{"lr": 0.0}, {"lr": 0.0}]  # the donor's config, and the one it took
+    assert list(logs[donor]["epoch"]) == list(logs[exploited]["epoch"]) == [1, 2, 3]
+    frozen = logs[donor]["val_rmse"][0]
+    assert list(logs[donor]["val_rmse"]) == pytest.approx([frozen] * 3)
+    assert (logs[exploited]["val_rmse"][:2] > 10 * frozen).all()  # its own epochs 1 and 2
+    assert logs[exploited]["val_rmse"][2] == pytest.approx(frozen)  # epoch 3 from the donor's weights
+    assert table.set_index("trial_id").loc[exploited, "lr"] == 0.0  # the config it took
