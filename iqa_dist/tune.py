@@ -26,14 +26,20 @@ Sweep YAML keys (all optional but ``base`` or ``overrides`` naming a data set):
       lr: {type: loguniform, low: 1.0e-6, high: 1.0e-4}   # also uniform; num: N for search grid
       ranking_loss_alpha: {type: choice, values: [0.0, 0.5, 1.0]}  # also grid; randint low..high
       model_size: {type: choice, values: [tiny, small]}   # pretrained_path: a folder of both files
-    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}  # pbt: perturbation_interval; none
-    search: random                 # or grid: every axis enumerated (choice values, range num points)
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}  # pbt: perturbation_interval, synch; none
+    search: random                 # or grid: every axis enumerated (choice values, range num points);
+                                   # optuna, hyperopt: model-based (no grid, no pbt); bohb: with
+                                   # scheduler {type: hyperband, reduction_factor: 3}, its default
+    seed: 42                       # of the search (default: the base's seed): same file, same trials
     num_samples: 8                 # random draws (grid: repeats of the grid)
     max_concurrent: 2
     resources_per_trial: {cpu: 4, gpu: 1}
     max_failures: 2                # retries of a failed trial, from its last checkpoint
     metric: val_srcc_best          # or val_srcc, val_plcc, val_krcc, val_rmse (the epoch's)
     mode: max
+    loggers: [csv, json, tensorboard]  # Tune's per-trial loggers (these: the default); also mlflow
+                                   # (MLFLOW_TRACKING_URI, else <storage_path>/<name>/mlruns) and
+                                   # wandb (WANDB_MODE=offline: no network; WANDB_PROJECT, WANDB_DIR)
     storage_path: sweeps           # local or shared file system (every node must see it)
     name: my-sweep
 """

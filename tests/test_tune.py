@@ -202,6 +202,18 @@ def test_sigterm_stops_a_sweep_in_one_line_with_the_resume_command(small_shards,
     ({"space": {"lr": {"type": "uniform", "low": -0.1, "high": 0.1}}}, "space.lr: lr -0.1: must be >= 0"),
     ({"space": {"train_patch_num": {"type": "choice", "values": [4, 0]}}},
      "space.train_patch_num: train_patch_num 0: must be >= 1"),
+    ({"search": "bohb", "scheduler": "pbt"}, "scheduler: search bohb runs with its own HyperBand"),
+    ({"scheduler": "hyperband"}, "scheduler: hyperband is BOHB's (HyperBandForBOHB): use it with search bohb"),
+    ({"search": "optuna", "scheduler": "pbt"}, "scheduler: pbt takes no search algorithm"),
+    ({"search": "hyperopt", "space": {"lr": {"type": "uniform", "low": 0.0, "high": 0.1, "num": 3}}},
+     "space.lr: search hyperopt samples the space; num (a grid) does not apply"),
+    ({"search": "optuna", "space": {"lr": {"type": "grid", "values": [0.1, 0.2]}}},
+     "space.lr: search optuna samples the space; type grid (a grid) does not apply"),
+    ({"search": "skopt"}, "search: 'skopt' is not one of random, grid, optuna, hyperopt, bohb"),
+    ({"seed": -1}, "seed -1: must be in 0..2**32-1"),
+    ({"loggers": ["mlflow", "comet"]},
+     "loggers: unknown 'comet'; choices: csv, json, tensorboard, mlflow, wandb"),
+    ({"loggers": "mlflow"}, "loggers: expected a list of csv, json, tensorboard, mlflow, wandb"),
 ])
 def test_a_bad_sweep_file_names_the_file_and_the_key(tmp_path, change, message, capsys):
     path = tmp_path / "bad.yaml"
