@@ -436,8 +436,13 @@ def mlflow_logger(sweep: Sweep) -> tune.Callback:
 
 def wandb_logger(sweep: Sweep) -> tune.Callback:
     """One W&B run per trial, grouped by the sweep's name; offline with WANDB_MODE=offline."""
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback, _set_api_key
 
+    try:  # here, not as a traceback from inside the sweep
+        _set_api_key()
+    except ValueError:
+        raise ConfigError("loggers: wandb: no W&B API key (WANDB_API_KEY or `wandb login`); "
+                          "WANDB_MODE=offline logs without one") from None
     # Handed to wandb.init, not left to the environment: Ray's workers, where the runs log,
     # keep the environment they were started with
     mode = {"mode": os.environ["WANDB_MODE"]} if "WANDB_MODE" in os.environ else {}

@@ -472,3 +472,15 @@ def test_pbt_clones_the_better_trial_into_the_worse_one(small_shards, tmp_path, 
     assert (logs[exploited]["val_rmse"][:2] > 10 * frozen).all()  # its own epochs 1 and 2
     assert logs[exploited]["val_rmse"][2] == pytest.approx(frozen)  # epoch 3 from the donor's weights
     assert table.set_index("trial_id").loc[exploited, "lr"] == 0.0  # the config it took
+
+
+def test_wandb_without_a_key_or_offline_mode_is_one_line(small_shards, tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SETUP_API_KEY_HOOK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from a `wandb login`
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, loggers=["wandb"]))
+    with pytest.raises(ConfigError, match=r"^loggers: wandb: no W&B API key \(WANDB_API_KEY or `wandb login`\); "):
+        tune.make_loggers(sweep)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert [type(c).__name__ for c in tune.make_loggers(sweep)] == ["WandbLoggerCallback"]
