@@ -27,14 +27,20 @@ Sweep YAML keys (all optional but ``base`` or ``overrides`` naming a data set):
       lr: {type: loguniform, low: 1.0e-6, high: 1.0e-4}   # also uniform; num: N for search grid
       ranking_loss_alpha: {type: choice, values: [0.0, 0.5, 1.0]}  # also grid; randint low..high
       model_size: {type: choice, values: [tiny, small]}   # pretrained_path: a folder of both files
-    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}  # pbt: perturbation_interval; none
-    search: random                 # or grid: every axis enumerated (choice values, range num points)
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}  # pbt: perturbation_interval, synch; none
+    search: random                 # or grid: every axis enumerated (choice values, range num points);
+                                   # optuna, hyperopt: model-based (no grid, no pbt); bohb: with
+                                   # scheduler {type: hyperband, reduction_factor: 3}, its default
+    seed: 42                       # of the search (default: the base's seed): same file, same trials
     num_samples: 8                 # random draws (grid: repeats of the grid)
     max_concurrent: 2
     resources_per_trial: {cpu: 4, gpu: 1}
     max_failures: 2                # retries of a failed trial, from its last checkpoint
     metric: val_srcc_best          # or val_srcc, val_plcc, val_krcc, val_rmse (the epoch's)
     mode: max
+    loggers: [csv, json, tensorboard]  # Tune's per-trial loggers (these: the default); also mlflow
+                                   # (MLFLOW_TRACKING_URI, else <storage_path>/<name>/mlruns) and
+                                   # wandb (WANDB_MODE=offline: no network; WANDB_PROJECT, WANDB_DIR)
     storage_path: sweeps           # local or shared file system (every node must see it)
     name: my-sweep
 """
@@ -62,6 +68,7 @@ import pandas as pd
 import ray
 import yaml
 from ray import tune
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from .checkpoint import read_trainer_state
 from .config import FIELDS, Config, ConfigError, check_pretrained, from_dict, load_yaml, save_yaml, to_dict
@@ -83,12 +90,17 @@ SPACE_FIELDS = {  # per type: required fields, optional fields
 }
 SCHEDULER_FIELDS = {
     "asha": {"grace_period", "reduction_factor"},
-    "pbt": {"perturbation_interval", "quantile_fraction", "resample_probability"},
+    "pbt": {"perturbation_interval", "quantile_fraction", "resample_probability", "synch"},
+    "hyperband": {"reduction_factor"},  # BOHB's (HyperBandForBOHB): search bohb only
     "none": set(),
     "fifo": set(),
 }
-SWEEP_KEYS = ("base", "overrides", "space", "scheduler", "search", "num_samples", "max_concurrent",
-              "resources_per_trial", "max_failures", "metric", "mode", "storage_path", "name")
+SEARCHES = ("random", "grid", "optuna", "hyperopt", "bohb")
+MODEL_BASED = ("optuna", "hyperopt", "bohb")  # they learn from finished trials: no grids, no PBT
+LOGGERS = ("csv", "json", "tensorboard", "mlflow", "wandb")
+DEFAULT_LOGGERS = ["csv", "json", "tensorboard"]  # Tune's own defaults
+SWEEP_KEYS = ("base", "overrides", "space", "scheduler", "search", "seed", "num_samples", "max_concurrent",
+              "resources_per_trial", "max_failures", "metric", "mode", "loggers", "storage_path", "name")
 CLUSTER_WAIT_S = 60  # for a node of a running cluster big enough for one trial
 SET_BY_SWEEP = ("run_dir", "resume", "rounds", "overwrite", "allow_changed")  # per trial, or meaningless in one
 # Overrides that size a trial, not the recipe: best_config.yaml takes these from the base
@@ -116,6 +128,7 @@ class Sweep:
     recipe: Config = field(default_factory=Config)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
     search: str = "random"
+    seed: int = 42  # of the search: the same sweep proposes the same trials
     num_samples: int = 8
     max_concurrent: int | None = None
     cpu: float = 1.0
@@ -123,6 +136,7 @@ class Sweep:
     max_failures: int = 1
     metric: str = RUNNING_BEST
     mode: str = "max"
+    loggers: tuple[str, ...] = tuple(DEFAULT_LOGGERS)
     storage_path: str = "sweeps"
     name: str = "sweep"
 
@@ -230,8 +244,8 @@ def candidates(spec: dict[str, Any]) -> list[Any]:
     return [cast(spec["low"]), cast(spec["high"])]
 
 
-def parse_scheduler(raw: dict, where: str) -> dict[str, Any]:
-    spec = raw.get("scheduler", "asha")
+def parse_scheduler(raw: dict, where: str, default: str = "asha") -> dict[str, Any]:
+    spec = raw.get("scheduler", default)
     spec = {"type": spec} if isinstance(spec, str) else spec
     if not isinstance(spec, dict) or spec.get("type") not in SCHEDULER_FIELDS:
         raise ConfigError(f"{where}: scheduler: expected one of {', '.join(SCHEDULER_FIELDS)} "
@@ -244,6 +258,37 @@ def parse_scheduler(raw: dict, where: str) -> dict[str, Any]:
     return dict(spec)
 
 
+def parse_loggers(raw: dict, where: str) -> tuple[str, ...]:
+    names = raw.get("loggers", DEFAULT_LOGGERS)
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{where}: loggers: expected a list of {', '.join(LOGGERS)}, got {names!r}")
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"{where}: loggers: unknown {name!r}{_nearest(name, LOGGERS)}; "
+                              f"choices: {', '.join(LOGGERS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def check_search(sweep: Sweep, where: str) -> None:
+    """Refuse the combinations Ray Tune cannot run: BOHB's searcher and its HyperBand apart,
+    a searcher beside PBT (which picks trials' values itself), a grid for a sampler."""
+    search, kind = sweep.search, sweep.scheduler["type"]
+    if search == "bohb" and kind != "hyperband":
+        raise ConfigError(f"{where}: scheduler: search bohb runs with its own HyperBand (scheduler "
+                          f"hyperband, the default with bohb), not {kind}")
+    if kind == "hyperband" and search != "bohb":
+        raise ConfigError(f"{where}: scheduler: hyperband is BOHB's (HyperBandForBOHB): use it with "
+                          f"search bohb, or asha with search {search}")
+    if search in MODEL_BASED and kind == "pbt":
+        raise ConfigError(f"{where}: scheduler: pbt takes no search algorithm (it mutates trials itself); "
+                          f"use search random or grid with pbt, or asha or none with search {search}")
+    for key, spec in sweep.space.items():
+        if search in MODEL_BASED and (spec["type"] == "grid" or "num" in spec):
+            grid = "type grid" if spec["type"] == "grid" else "num"
+            raise ConfigError(f"{where}: space.{key}: search {search} samples the space; {grid} (a grid) "
+                              "does not apply: use a choice or a range")
+
+
 def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
     """Check a sweep mapping (the YAML's content); errors are one line naming ``where`` and the key."""
     if not isinstance(raw, dict):
@@ -253,7 +298,7 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
             raise ConfigError(f"{where}: unknown key {key!r}{_nearest(key, SWEEP_KEYS)}")
     base, recipe = parse_base(raw, where)
     space = _typed(raw, "space", dict, DEFAULT_SPACE, where)
-    search = _one_of(raw, "search", ("random", "grid"), "random", where)
+    search = _one_of(raw, "search", SEARCHES, "random", where)
     axes = {key: parse_axis(key, spec, base, where) for key, spec in space.items()}
     if search == "grid":
         for key, spec in axes.items():
@@ -264,14 +309,15 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
     if extra:
         raise ConfigError(f"{where}: resources_per_trial.{extra[0]}: only cpu and gpu can be given")
     sweep = Sweep(
-        base=base, recipe=recipe, space=axes, scheduler=parse_scheduler(raw, where), search=search,
+        base=base, recipe=recipe, space=axes, search=search, seed=_typed(raw, "seed", int, base.seed, where),
+        scheduler=parse_scheduler(raw, where, "hyperband" if search == "bohb" else "asha"),
         num_samples=_typed(raw, "num_samples", int, 1 if search == "grid" else 8, where),
         max_concurrent=_typed(raw, "max_concurrent", int, None, where),
         cpu=float(_typed(resources, "cpu", (int, float), 1, f"{where}: resources_per_trial")),
         gpu=float(_typed(resources, "gpu", (int, float), 0, f"{where}: resources_per_trial")),
         max_failures=_typed(raw, "max_failures", int, 1, where),
         metric=_one_of(raw, "metric", (RUNNING_BEST, *VAL_METRICS), RUNNING_BEST, where),
-        mode=_one_of(raw, "mode", ("max", "min"), "max", where),
+        mode=_one_of(raw, "mode", ("max", "min"), "max", where), loggers=parse_loggers(raw, where),
         storage_path=str(_typed(raw, "storage_path", (str, os.PathLike), "sweeps", where)),
         name=_typed(raw, "name", str, "sweep", where))
     if sweep.metric == RUNNING_BEST and sweep.mode != "max":
@@ -281,6 +327,9 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
                           "checkpoint cannot follow; search it with asha or none")
     if sweep.num_samples < 1 or (sweep.max_concurrent or 1) < 1 or sweep.cpu <= 0:
         raise ConfigError(f"{where}: num_samples, max_concurrent and resources_per_trial.cpu must be positive")
+    if not 0 <= sweep.seed < 2**32:
+        raise ConfigError(f"{where}: seed {sweep.seed}: must be in 0..2**32-1")
+    check_search(sweep, where)
     return sweep
 
 
@@ -323,6 +372,10 @@ def domain(spec: dict[str, Any], grid: bool) -> Any:
     return (tune.loguniform if kind == "loguniform" else tune.uniform)(spec["low"], spec["high"])
 
 
+def param_space(sweep: Sweep) -> dict[str, Any]:
+    return {key: domain(spec, grid=sweep.search == "grid") for key, spec in sweep.space.items()}
+
+
 def make_scheduler(sweep: Sweep) -> tune.schedulers.TrialScheduler:
     spec = {k: v for k, v in sweep.scheduler.items() if k != "type"}
     if sweep.scheduler["type"] == "asha":
@@ -333,7 +386,70 @@ def make_scheduler(sweep: Sweep) -> tune.schedulers.TrialScheduler:
     if sweep.scheduler["type"] == "pbt":
         mutations = {k: (s["values"] if "values" in s else domain(s, grid=False)) for k, s in sweep.space.items()}
         return tune.schedulers.PopulationBasedTraining(time_attr="epoch", hyperparam_mutations=mutations, **spec)
+    if sweep.scheduler["type"] == "hyperband":  # pauses trials at its rungs; they resume from their checkpoint
+        return tune.schedulers.HyperBandForBOHB(time_attr="epoch", max_t=sweep.base.epochs,
+                                                stop_last_trials=False, **spec)
     return tune.schedulers.FIFOScheduler()
+
+
+def make_search(sweep: Sweep) -> Any:
+    """The sweep's search algorithm, seeded by its seed, proposing at most max_concurrent
+    trials at once (a model-based searcher learns from the trials finished meanwhile)."""
+    if sweep.search not in MODEL_BASED:
+        return BasicVariantGenerator(max_concurrent=sweep.max_concurrent or 0, random_state=sweep.seed)
+    common = {"metric": sweep.metric, "mode": sweep.mode}
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=sweep.seed, **common)
+    elif sweep.search == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(random_state_seed=sweep.seed, **common)
+    else:
+        from ray.tune.search.bohb import TuneBOHB
+
+        searcher = TuneBOHB(seed=sweep.seed, **common)
+    # TuneBOHB limits itself (its trials paused at a rung do not count); the limiter defers to it
+    return ConcurrencyLimiter(searcher, sweep.max_concurrent) if sweep.max_concurrent else searcher
+
+
+def make_loggers(sweep: Sweep) -> list[tune.Callback]:
+    """Tune's logger callbacks named by ``loggers``: every trial's results, each epoch."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    made: dict[str, Any] = {"csv": CSVLoggerCallback, "json": JsonLoggerCallback, "tensorboard": TBXLoggerCallback,
+                            "mlflow": partial(mlflow_logger, sweep), "wandb": partial(wandb_logger, sweep)}
+    return [made[name]() for name in sweep.loggers]
+
+
+def mlflow_logger(sweep: Sweep) -> tune.Callback:
+    """One MLflow run per trial, in MLFLOW_TRACKING_URI or else a file store in the sweep's folder."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        # readable without a server or a database library (mlflow-skinny has none); MLflow 3
+        # keeps file stores behind this switch
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = (sweep.experiment_dir / "mlruns").as_uri()
+    return MLflowLoggerCallback(tracking_uri=uri, experiment_name=sweep.name)
+
+
+def wandb_logger(sweep: Sweep) -> tune.Callback:
+    """One W&B run per trial, grouped by the sweep's name; offline with WANDB_MODE=offline."""
+    from ray.air.integrations.wandb import WandbLoggerCallback, _set_api_key
+
+    try:  # here, not as a traceback from inside the sweep
+        _set_api_key()
+    except ValueError:
+        raise ConfigError("loggers: wandb: no W&B API key (WANDB_API_KEY or `wandb login`); "
+                          "WANDB_MODE=offline logs without one") from None
+    # Handed to wandb.init, not left to the environment: Ray's workers, where the runs log,
+    # keep the environment they were started with
+    mode = {"mode": os.environ["WANDB_MODE"]} if "WANDB_MODE" in os.environ else {}
+    return WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "iqa_dist"), group=sweep.name,
+                               dir=os.environ.get("WANDB_DIR", str(sweep.experiment_dir)), **mode)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -352,18 +468,33 @@ def make_tuner(sweep: Sweep, resume: bool, callbacks: Sequence[tune.Callback] = 
     pbt = sweep.scheduler["type"] == "pbt"
     return tune.Tuner(
         trainable(sweep),
-        param_space={k: domain(s, grid=sweep.search == "grid") for k, s in sweep.space.items()},
+        param_space=param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=make_scheduler(sweep),
-            num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
+            search_alg=make_search(sweep), num_samples=sweep.num_samples,
             reuse_actors=True,  # saves a process start and the torch/timm imports per trial
             trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name=sweep.name, storage_path=str(path.parent), callbacks=list(callbacks), verbose=1,
+            name=sweep.name, storage_path=str(path.parent), callbacks=[*make_loggers(sweep), *callbacks], verbose=1,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             # A full training state can be GBs: keep the latest. Not with PBT: a trial that
             # clones another's checkpoint would later delete it from under its owner.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1)))
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """``values`` in os.environ meanwhile; as they were after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextmanager
@@ -663,7 +794,8 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
         with ray_cluster(address, size):
             cpus = node_cpus(sweep.cpu, CLUSTER_WAIT_S if address else 0)
             sweep = fit_to_cluster(sweep, ray.cluster_resources().get("GPU", 0.0), cpus)
-            grid = fit(make_tuner(sweep, resume, callbacks))
+            with environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # else Tune adds its default loggers
+                grid = fit(make_tuner(sweep, resume, callbacks))
             return write_outputs(grid, sweep)
     finally:
         lock.release()

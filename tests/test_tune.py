@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ import ray
 import timm
 import yaml
 from ray import tune as ray_tune
+from ray.tune.search import ConcurrencyLimiter
 
 from iqa_dist import tune, weights
 from iqa_dist.config import ConfigError, load_yaml
@@ -200,6 +202,18 @@ def test_sigterm_stops_a_sweep_in_one_line_with_the_resume_command(small_shards,
     ({"space": {"lr": {"type": "uniform", "low": -0.1, "high": 0.1}}}, "space.lr: lr -0.1: must be >= 0"),
     ({"space": {"train_patch_num": {"type": "choice", "values": [4, 0]}}},
      "space.train_patch_num: train_patch_num 0: must be >= 1"),
+    ({"search": "bohb", "scheduler": "pbt"}, "scheduler: search bohb runs with its own HyperBand"),
+    ({"scheduler": "hyperband"}, "scheduler: hyperband is BOHB's (HyperBandForBOHB): use it with search bohb"),
+    ({"search": "optuna", "scheduler": "pbt"}, "scheduler: pbt takes no search algorithm"),
+    ({"search": "hyperopt", "space": {"lr": {"type": "uniform", "low": 0.0, "high": 0.1, "num": 3}}},
+     "space.lr: search hyperopt samples the space; num (a grid) does not apply"),
+    ({"search": "optuna", "space": {"lr": {"type": "grid", "values": [0.1, 0.2]}}},
+     "space.lr: search optuna samples the space; type grid (a grid) does not apply"),
+    ({"search": "skopt"}, "search: 'skopt' is not one of random, grid, optuna, hyperopt, bohb"),
+    ({"seed": -1}, "seed -1: must be in 0..2**32-1"),
+    ({"loggers": ["mlflow", "comet"]},
+     "loggers: unknown 'comet'; choices: csv, json, tensorboard, mlflow, wandb"),
+    ({"loggers": "mlflow"}, "loggers: expected a list of csv, json, tensorboard, mlflow, wandb"),
 ])
 def test_a_bad_sweep_file_names_the_file_and_the_key(tmp_path, change, message, capsys):
     path = tmp_path / "bad.yaml"
@@ -326,3 +340,169 @@ def test_resume_auto_resumes_only_a_sweep_tune_saved(small_shards, tmp_path, mon
     monkeypatch.setattr(ray_tune.Tuner, "can_restore", staticmethod(lambda path: saved and path == folder))
     monkeypatch.setattr(tune, "run_sweep", run_sweep)
     assert tune.main(["--config", str(path), *flags]) == 1 and asked == [resumed]
+
+
+# ---------------------------------------------------------------- model-based search, loggers, schedulers
+
+
+class TunerSpy(ray_tune.Tuner):
+    """The Tuner, recording the search algorithm it is handed."""
+
+    search_algs: list = []
+
+    def __init__(self, *args, tune_config=None, **kwargs):
+        TunerSpy.search_algs.append(tune_config.search_alg if tune_config else None)
+        super().__init__(*args, tune_config=tune_config, **kwargs)
+
+
+@pytest.fixture
+def tuner_spy(monkeypatch):
+    monkeypatch.setattr(ray_tune, "Tuner", TunerSpy)
+    TunerSpy.search_algs = []
+    return TunerSpy.search_algs
+
+
+class StopAfterFirstTrial(ray_tune.Callback):
+    """Ctrl-C to the sweep once its first trial is done (once: Tune pickles its callbacks
+    and a resumed sweep runs them again; the marker file remembers)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.marker.exists():
+            self.marker.touch()
+            signal.raise_signal(signal.SIGINT)
+
+
+def proposals(sweep: tune.Sweep, n: int) -> list[dict]:
+    """The first ``n`` configs the sweep's own searcher proposes, replayed outside Tune."""
+    searcher = tune.make_search(replace(sweep, max_concurrent=None))
+    searcher.set_search_properties(sweep.metric, sweep.mode, tune.param_space(sweep))
+    return [searcher.suggest(f"replay{i}") for i in range(n)]
+
+
+def tried(table: pd.DataFrame) -> list[dict]:
+    return [{key: row[key] for key in SEARCHED} for _, row in table.iterrows()]
+
+
+def test_optuna_proposes_the_trials_seeded_and_a_resumed_sweep_goes_on_where_it_was(
+        small_shards, tmp_path, local_ray, tuner_spy):
+    from ray.tune.search.optuna import OptunaSearch
+
+    raw = sweep_dict(small_shards, tmp_path, search="optuna", seed=7, num_samples=3, max_concurrent=1,
+                     scheduler="none", overrides=micro(small_shards, epochs=1))
+    with pytest.raises(tune.SweepInterrupted):
+        tune.run_sweep(raw, callbacks=[StopAfterFirstTrial(tmp_path / "stopped")])
+    [limiter] = tuner_spy
+    assert isinstance(limiter, ConcurrencyLimiter) and limiter.max_concurrent == 1
+    assert isinstance(limiter.searcher, OptunaSearch)
+    assert finished_trials(tmp_path / "s") == 1
+
+    table = tune.run_sweep(raw, resume=True)
+    assert len(table) == 3 and set(table["status"]) == {"TERMINATED"}
+    sweep = tune.parse_sweep(raw)
+    # the third trial was proposed after the resume, by the searcher's restored state
+    expected = proposals(sweep, 3)
+    assert tried(table) == [pytest.approx(config) for config in expected]
+    assert expected != proposals(replace(sweep, seed=8), 2)  # the seed decides
+
+
+@pytest.mark.parametrize("search, searcher", [("hyperopt", "HyperOptSearch"), ("bohb", "TuneBOHB")])
+def test_model_based_search_proposes_the_trials(small_shards, tmp_path, local_ray, tuner_spy, search, searcher):
+    raw = sweep_dict(small_shards, tmp_path, search=search, num_samples=2, overrides=micro(small_shards, epochs=1))
+    table = tune.run_sweep(raw)
+    [limiter] = tuner_spy
+    assert type(limiter.searcher).__name__ == searcher and limiter.max_concurrent == 2
+    assert len(table) == 2 and set(table["status"]) == {"TERMINATED"}
+    sweep = tune.parse_sweep(raw)
+    assert sweep.seed == 42  # the base config's, by default
+    assert tried(table) == [pytest.approx(config) for config in proposals(sweep, 2)]
+    if search == "bohb":  # with its own HyperBand over the trials' epochs
+        assert isinstance(tune.make_scheduler(sweep), ray_tune.schedulers.HyperBandForBOHB)
+
+
+def test_loggers_write_an_mlflow_run_and_an_offline_wandb_run_per_trial(small_shards, tmp_path, local_ray,
+                                                                         monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: a file store in the sweep
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never a network call
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    table = tune.run_sweep(sweep_dict(small_shards, tmp_path, num_samples=2, scheduler="none",
+                                      loggers=["csv", "json", "mlflow", "wandb"]))
+    trials = table.set_index("trial_id")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks it of a file store's readers
+    client = MlflowClient(tracking_uri=(tmp_path / "s" / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    of_run = {run.info.run_id: [t for t in trials.index if run.data.tags["trial_name"].endswith(t)] for run in runs}
+    assert sorted(sum(of_run.values(), [])) == sorted(trials.index)  # one run per trial
+    for run in runs:
+        [trial] = of_run[run.info.run_id]
+        epochs = pd.read_csv(Path(trials.loc[trial, "run_dir"]).parent / tune.EPOCH_LOG)
+        history = client.get_metric_history(run.info.run_id, "val_srcc")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(epochs["val_srcc"]))
+        assert float(run.data.params["lr"]) == pytest.approx(trials.loc[trial, "lr"])
+    offline = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert sorted(path.name.rsplit("-", 1)[1] for path in offline) == sorted(trials.index)
+    assert not list((tmp_path / "s").glob("trial_*/events.out.tfevents*"))  # tensorboard was not asked
+
+
+def frozen_and_diverging(small_shards: Path, tmp_path: Path, scheduler: dict, epochs: int, **extra) -> dict:
+    """A grid of two trials on these random labels: lr 0 keeps the model as it starts (the val
+    RMSE of the untrained model, about 64, every epoch); lr 0.01 diverges (RMSE in the
+    thousands from epoch 1). Exact ranks for a scheduler, where trained SRCCs would be noise."""
+    return sweep_dict(small_shards, tmp_path, search="grid", num_samples=1, metric="val_rmse", mode="min",
+                      space={"lr": {"type": "uniform", "low": 0.0, "high": 0.01, "num": 2}}, scheduler=scheduler,
+                      overrides=micro(small_shards, epochs=epochs, early_stopping=False), **extra)
+
+
+def epoch_logs(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {row.trial_id: pd.read_csv(Path(row.run_dir).parent / tune.EPOCH_LOG) for row in table.itertuples()}
+
+
+def test_asha_stops_the_diverging_trial_at_its_first_rung(small_shards, tmp_path, local_ray):
+    """One trial at a time, the diverging one second: the rung at epoch 1 holds the frozen
+    trial's RMSE and stops it; it would train to max_t (2 epochs) under FIFO."""
+    table = tune.run_sweep(frozen_and_diverging(small_shards, tmp_path, epochs=2, max_concurrent=1,
+                                                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2}))
+    logs = epoch_logs(table)
+    frozen, diverging = (logs[t] for t in table.sort_values("lr")["trial_id"])
+    assert list(frozen["epoch"]) == [1, 2]  # max_t: the trials' epochs
+    assert list(diverging["epoch"]) == [1]  # stopped at the rung
+    assert diverging["val_rmse"][0] > 10 * frozen["val_rmse"][0]
+
+
+def test_pbt_clones_the_better_trial_into_the_worse_one(small_shards, tmp_path, local_ray):
+    """Both trials wait for each other at epoch 2 (synch); the diverging one then takes the
+    frozen one's epoch-2 checkpoint and its lr (0, perturbed: 0 x 0.8 or 1.2) and trains
+    epoch 3 from there: its epoch 3 scores the frozen weights."""
+    table = tune.run_sweep(frozen_and_diverging(small_shards, tmp_path, epochs=3, max_concurrent=2, scheduler={
+        "type": "pbt", "perturbation_interval": 2, "synch": True, "resample_probability": 0.0}))
+    logs = epoch_logs(table)
+    policies = list((tmp_path / "s").glob("pbt_policy_*.txt"))  # PBT's record of each exploit
+    assert len(policies) == 1
+    exploited = policies[0].stem.removeprefix("pbt_policy_")
+    [donor] = set(logs) - {exploited}
+    [policy] = [json.loads(line) for line in policies[0].read_text().splitlines()]
+    assert policy[4:] == [{"lr": 0.0}, {"lr": 0.0}]  # the donor's config, and the one it took
+    assert list(logs[donor]["epoch"]) == list(logs[exploited]["epoch"]) == [1, 2, 3]
+    frozen = logs[donor]["val_rmse"][0]
+    assert list(logs[donor]["val_rmse"]) == pytest.approx([frozen] * 3)
+    assert (logs[exploited]["val_rmse"][:2] > 10 * frozen).all()  # its own epochs 1 and 2
+    assert logs[exploited]["val_rmse"][2] == pytest.approx(frozen)  # epoch 3 from the donor's weights
+    assert table.set_index("trial_id").loc[exploited, "lr"] == 0.0  # the config it took
+
+
+def test_wandb_without_a_key_or_offline_mode_is_one_line(small_shards, tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SETUP_API_KEY_HOOK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from a `wandb login`
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, loggers=["wandb"]))
+    with pytest.raises(ConfigError, match=r"^loggers: wandb: no W&B API key \(WANDB_API_KEY or `wandb login`\); "):
+        tune.make_loggers(sweep)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert [type(c).__name__ for c in tune.make_loggers(sweep)] == ["WandbLoggerCallback"]
