@@ -18,12 +18,16 @@ import pandas as pd
 import pytest
 import ray
 import timm
+import torch
 import yaml
 from ray import tune as ray_tune
+from safetensors.torch import load_file
 
 from iqa_dist import tune, weights
 from iqa_dist.config import ConfigError, load_yaml
 from iqa_dist.models.backbones import BACKBONES
+
+from conftest import free_port
 
 REPO = Path(__file__).parents[1]
 SEARCHED = ["dropout_rate", "drop_path_rate", "lr", "ranking_loss_alpha"]
@@ -304,3 +308,38 @@ def test_shipped_sweeps_compare_the_running_best(name):
     sweep = tune.load_sweep(REPO / "configs" / name)
     assert (sweep.metric, sweep.epoch_metric) == (tune.RUNNING_BEST, "val_srcc")
     assert tune.parse_sweep({"overrides": {"model_size": "micro"}}).metric == tune.RUNNING_BEST  # the default
+
+
+def test_a_trial_of_two_ranks_trains_as_a_two_rank_launch_of_its_config(small_shards, tmp_path, local_ray):
+    """workers: 2 runs the trial as 2 gloo ranks (Ray Train's TorchTrainer): the world size
+    comes from the process group, and the weights are those of `accelerate launch` on 2 ranks."""
+    config, launched = tmp_path / "launched.yaml", tmp_path / "launched"
+    config.write_text(yaml.safe_dump(micro(small_shards, lr=1e-3, run_dir=str(launched),
+                                           shards_root=str(Path("shards").absolute()))))  # as the sweep makes it
+    launch = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+                               "-m", "iqa_dist.train", "--config", str(config)], cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)  # meanwhile: the machine has 2 cores
+    sweep = sweep_dict(small_shards, tmp_path, num_samples=1, scheduler="none",
+                       space={"lr": {"type": "choice", "values": [1e-3]}},
+                       resources_per_trial={"workers": 2, "cpu": 1})
+    try:
+        row = tune.run_sweep(sweep).iloc[0]
+    finally:
+        err = launch.communicate(timeout=300)[1]
+    assert launch.returncode == 0, err[-3000:]
+    assert (row["status"], row["world_size"], row["epochs_run"], row["error"]) == ("TERMINATED", 2, 2, "")
+    trial = Path(row["run_dir"])
+    results = json.loads((trial / "results.json").read_text())
+    assert (results["world_size"], results["backend"]) == (2, "gloo")
+    assert list(pd.read_csv(trial.parent / tune.EPOCH_LOG)["world_size"]) == [2, 2]
+    assert json.loads((launched / "results.json").read_text())["world_size"] == 2
+
+    ours, theirs = (yaml.safe_load((run / "config.yaml").read_text()) for run in (trial, launched))
+    assert {k: v for k, v in ours.items() if ours[k] != theirs[k]} == {"run_dir": str(trial), "overwrite": True}
+    ours, theirs = (load_file(str(run / "checkpoints" / "last" / "model.safetensors")) for run in (trial, launched))
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    first = load_file(str(sorted((trial / "checkpoints").glob("step-*"))[0] / "model.safetensors"))
+    assert any(not torch.equal(first[k], ours[k]) for k in ours)  # the second epoch moved them: a real check
