@@ -204,6 +204,12 @@ def test_sigterm_stops_a_sweep_in_one_line_with_the_resume_command(small_shards,
     ({"space": {"lr": {"type": "uniform", "low": -0.1, "high": 0.1}}}, "space.lr: lr -0.1: must be >= 0"),
     ({"space": {"train_patch_num": {"type": "choice", "values": [4, 0]}}},
      "space.train_patch_num: train_patch_num 0: must be >= 1"),
+    ({"resources_per_trial": {"gpu": 2}},  # a process would train on one of the two
+     "resources_per_trial.gpu 2: a trial process trains on one GPU; for 2 GPUs per trial ask workers: 2, gpu: 1"),
+    ({"resources_per_trial": {"workers": 2, "gpu": 0.5}},
+     "resources_per_trial.gpu 0.5: with workers 2 each rank needs a GPU of its own (gpu: 1) or none"),
+    ({"resources_per_trial": {"workers": 0}}, "resources_per_trial.cpu and .workers must be positive"),
+    ({"resources_per_trial": {"nodes": 2}}, "resources_per_trial.nodes: only workers, cpu and gpu can be given"),
 ])
 def test_a_bad_sweep_file_names_the_file_and_the_key(tmp_path, change, message, capsys):
     path = tmp_path / "bad.yaml"
@@ -235,6 +241,35 @@ def test_concurrency_matches_the_gpus_the_sweep_was_given(small_shards, tmp_path
     sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, max_concurrent=asked,
                                         resources_per_trial={"cpu": 1, "gpu": gpu}))
     assert tune.fit_to_cluster(sweep, gpus).max_concurrent == runs
+
+
+@pytest.mark.parametrize("resources, asked, gpus, cpus, runs", [
+    ({"workers": 2, "cpu": 1}, None, 0.0, 6.0, 3),  # Tune cannot see the ranks: the CPUs bound it
+    ({"workers": 2, "cpu": 1}, 1, 0.0, 6.0, 1),  # fewer: kept
+    ({"workers": 2, "cpu": 1, "gpu": 1}, 4, 4.0, 64.0, 2),  # 4 GPUs hold 2 trials of 2 ranks
+])
+def test_concurrent_trials_of_several_ranks_fit_the_cluster(small_shards, tmp_path, resources, asked, gpus,
+                                                            cpus, runs):
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, max_concurrent=asked, resources_per_trial=resources))
+    assert tune.fit_to_cluster(sweep, gpus, cpus / 2, cpus).max_concurrent == runs
+
+
+def test_trials_of_more_ranks_than_the_cluster_holds_are_refused(small_shards, tmp_path):
+    def refused(resources: dict, gpus: float, cpus: float) -> str:
+        sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial=resources))
+        with pytest.raises(ConfigError) as err:
+            tune.fit_to_cluster(sweep, gpus, cpus, cpus)
+        return str(err.value)
+
+    assert refused({"workers": 2, "cpu": 2}, 0.0, 2.0).startswith(
+        "resources_per_trial: workers 2 x cpu 2 = 4 per trial: the Ray cluster has 2 CPU(s)")
+    assert refused({"workers": 2, "cpu": 1, "gpu": 1}, 1.0, 8.0).startswith(
+        "resources_per_trial: workers 2 x gpu 1 = 2 per trial: the Ray cluster has 1 GPU(s)")
+    machine = os.cpu_count()
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"workers": machine, "cpu": 2}))
+    with pytest.raises(ConfigError, match=rf"^resources_per_trial: workers {machine} x cpu 2 = {2 * machine} per "
+                                          rf"trial: this machine has {machine} CPU\(s\)"):
+        tune.local_cpus(sweep)
 
 
 def test_trials_needing_gpus_on_a_cluster_without_are_refused(small_shards, tmp_path):
