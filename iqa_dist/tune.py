@@ -30,7 +30,7 @@ Sweep YAML keys (all optional but ``base`` or ``overrides`` naming a data set):
     search: random                 # or grid: every axis enumerated (choice values, range num points)
     num_samples: 8                 # random draws (grid: repeats of the grid)
     max_concurrent: 2
-    resources_per_trial: {cpu: 4, gpu: 1}  # per process; gpu 0 or 1 (a process drives one GPU)
+    resources_per_trial: {cpu: 4, gpu: 1}  # per process; gpu at most 1 (a process drives one GPU);
                                    # workers: N runs each trial as N DDP ranks of that size (Ray
                                    # Train's TorchTrainer, see tune_workers.py): gpu: 1, workers: 4
     max_failures: 2                # retries of a failed trial, from its last checkpoint

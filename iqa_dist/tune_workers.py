@@ -11,6 +11,11 @@ after each epoch rank 0 stages the report and hands it to the driver over a Ray 
 driver reports it to Tune with the checkpoint and answers whether Tune keeps the trial,
 which rank 0 broadcasts, so that all ranks stop together. Ray Train's own retries and
 checkpoints stay off: a failed rank fails the trial, and Tune restarts it from its checkpoint.
+
+A driver killed with its trial (a lost node, the OOM killer) leaves the ranks' placement group
+reserved: Ray ties it to the sweep's job, and Ray Train's cleaner needs the dashboard's state
+API, which a private local Ray does not start. Rank 0 notes its id in the trial's folder, and
+the trial's next attempt removes it before it asks for ranks again.
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch.distributed as dist
+from ray._raylet import PlacementGroupID
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.queue import Queue
 
 from .config import Config, from_dict, to_dict
@@ -27,6 +35,7 @@ from .tune import limit_threads, report_staged, stage_report
 
 GO, STOP = "go", "stop"
 STOP_WAIT_S = 60  # for the ranks to leave a trial Tune stopped, before its actor is let go
+RANKS_PG = "ranks.pg"  # in the trial's folder: the id of the placement group its ranks hold
 
 
 class TrialStopped(Preempted):
@@ -53,10 +62,19 @@ class RankReport:
 def rank_main(config: dict[str, Any]) -> None:
     """One rank of the trial (a Ray Train worker)."""
     limit_threads(config["cpu"])
+    if dist.get_rank() == 0:
+        (Path(config["log"]).parent / RANKS_PG).write_text(ray.util.get_current_placement_group().id.hex())
     try:
         train(from_dict(config["cfg"]), callbacks=[RankReport(Path(config["log"]), *config["queues"])], lock=False)
     except TrialStopped:
         pass
+
+
+def free_stale_ranks(note: Path) -> None:
+    """Remove the placement group a killed attempt of this trial left behind, if any."""
+    if note.exists():
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(note.read_text().strip())))
+        note.unlink()
 
 
 def run_ranks(cfg: Config, *, log: Path, workers: int, cpu: float, gpu: float) -> None:
@@ -64,6 +82,7 @@ def run_ranks(cfg: Config, *, log: Path, workers: int, cpu: float, gpu: float) -
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    free_stale_ranks(log.parent / RANKS_PG)
     queues = (Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0}))
     to_tune, from_tune = queues
     trainer = TorchTrainer(
@@ -81,7 +100,8 @@ def run_ranks(cfg: Config, *, log: Path, workers: int, cpu: float, gpu: float) -
             trainer.fit()
         except BaseException as err:  # raised again in the trial: Tune retries it
             failed.append(err)
-        finally:
+        finally:  # Ray Train has released the ranks: nothing is left to free
+            (log.parent / RANKS_PG).unlink(missing_ok=True)
             to_tune.put(None)
 
     runner = threading.Thread(target=fit, name="iqa-ranks", daemon=True)
