@@ -111,6 +111,47 @@ def test_a_failed_trial_is_retried_from_its_checkpoint(small_shards, tmp_path, l
     assert results["epochs_run"] == 3
 
 
+@pytest.mark.slow
+def test_a_trial_of_two_ranks_retried_ends_as_a_two_rank_launch_of_its_config(small_shards, tmp_path, local_ray):
+    """workers: 2 runs the trial as 2 gloo ranks (Ray Train's TorchTrainer): the world size
+    comes from the process group; killed after its first checkpoint (its driver, and with it
+    the ranks), the trial is retried from it and ends with the weights of an uninterrupted
+    `accelerate launch` on 2 ranks."""
+    config, launched = tmp_path / "launched.yaml", tmp_path / "launched"
+    config.write_text(yaml.safe_dump(micro(small_shards, lr=1e-3, run_dir=str(launched),
+                                           shards_root=str(Path("shards").absolute()))))  # as the sweep makes it
+    launch = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+                               "-m", "iqa_dist.train", "--config", str(config)], cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)  # meanwhile: the machine has 2 cores
+    sweep = sweep_dict(small_shards, tmp_path, num_samples=1, scheduler="none",
+                       space={"lr": {"type": "choice", "values": [1e-3]}},
+                       resources_per_trial={"workers": 2, "cpu": 1})
+    killer = KillFirstTrialOnce()
+    try:
+        row = tune.run_sweep(sweep, callbacks=[killer]).iloc[0]
+    finally:
+        err = launch.communicate(timeout=300)[1]
+    assert launch.returncode == 0, err[-3000:]
+    assert killer.killed == [row["trial_id"]]
+    assert (row["status"], row["failures"], row["world_size"], row["epochs_run"]) == ("TERMINATED", 1, 2, 2)
+    trial = Path(row["run_dir"])
+    results = json.loads((trial / "results.json").read_text())
+    assert (results["world_size"], results["backend"]) == (2, "gloo")
+    assert set(pd.read_csv(trial.parent / tune.EPOCH_LOG)["world_size"]) == {2}
+    assert json.loads((launched / "results.json").read_text())["world_size"] == 2
+
+    ours, theirs = (yaml.safe_load((run / "config.yaml").read_text()) for run in (trial, launched))
+    assert ours["run_dir"] == str(trial)  # and the rest but how it started: the same config
+    assert {k for k in ours if ours[k] != theirs[k]} <= {"run_dir", "overwrite", "resume", "allow_changed"}
+    ours, theirs = (load_file(str(run / "checkpoints" / "last" / "model.safetensors")) for run in (trial, launched))
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    first = load_file(str(sorted((trial / "checkpoints").glob("step-*"))[0] / "model.safetensors"))
+    assert any(not torch.equal(first[k], ours[k]) for k in ours)  # the second epoch moved them: a real check
+
+
 def finished_trials(experiment: Path) -> int:
     """TERMINATED trials in Tune's saved experiment state (what a resume starts from)."""
     states = list(experiment.glob("experiment_state-*.json"))
@@ -343,44 +384,3 @@ def test_shipped_sweeps_compare_the_running_best(name):
     sweep = tune.load_sweep(REPO / "configs" / name)
     assert (sweep.metric, sweep.epoch_metric) == (tune.RUNNING_BEST, "val_srcc")
     assert tune.parse_sweep({"overrides": {"model_size": "micro"}}).metric == tune.RUNNING_BEST  # the default
-
-
-@pytest.mark.slow
-def test_a_trial_of_two_ranks_retried_ends_as_a_two_rank_launch_of_its_config(small_shards, tmp_path, local_ray):
-    """workers: 2 runs the trial as 2 gloo ranks (Ray Train's TorchTrainer): the world size
-    comes from the process group; killed after its first checkpoint (its driver, and with it
-    the ranks), the trial is retried from it and ends with the weights of an uninterrupted
-    `accelerate launch` on 2 ranks."""
-    config, launched = tmp_path / "launched.yaml", tmp_path / "launched"
-    config.write_text(yaml.safe_dump(micro(small_shards, lr=1e-3, run_dir=str(launched),
-                                           shards_root=str(Path("shards").absolute()))))  # as the sweep makes it
-    launch = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                               str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-                               "-m", "iqa_dist.train", "--config", str(config)], cwd=REPO,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)  # meanwhile: the machine has 2 cores
-    sweep = sweep_dict(small_shards, tmp_path, num_samples=1, scheduler="none",
-                       space={"lr": {"type": "choice", "values": [1e-3]}},
-                       resources_per_trial={"workers": 2, "cpu": 1})
-    killer = KillFirstTrialOnce()
-    try:
-        row = tune.run_sweep(sweep, callbacks=[killer]).iloc[0]
-    finally:
-        err = launch.communicate(timeout=300)[1]
-    assert launch.returncode == 0, err[-3000:]
-    assert killer.killed == [row["trial_id"]]
-    assert (row["status"], row["failures"], row["world_size"], row["epochs_run"]) == ("TERMINATED", 1, 2, 2)
-    trial = Path(row["run_dir"])
-    results = json.loads((trial / "results.json").read_text())
-    assert (results["world_size"], results["backend"]) == (2, "gloo")
-    assert set(pd.read_csv(trial.parent / tune.EPOCH_LOG)["world_size"]) == {2}
-    assert json.loads((launched / "results.json").read_text())["world_size"] == 2
-
-    ours, theirs = (yaml.safe_load((run / "config.yaml").read_text()) for run in (trial, launched))
-    assert ours["run_dir"] == str(trial)  # and the rest but how it started: the same config
-    assert {k for k in ours if ours[k] != theirs[k]} <= {"run_dir", "overwrite", "resume", "allow_changed"}
-    ours, theirs = (load_file(str(run / "checkpoints" / "last" / "model.safetensors")) for run in (trial, launched))
-    assert ours.keys() == theirs.keys()
-    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
-    first = load_file(str(sorted((trial / "checkpoints").glob("step-*"))[0] / "model.safetensors"))
-    assert any(not torch.equal(first[k], ours[k]) for k in ours)  # the second epoch moved them: a real check
