@@ -34,7 +34,9 @@ Sweep YAML keys (all optional but ``base`` or ``overrides`` naming a data set):
     seed: 42                       # of the search (default: the base's seed): same file, same trials
     num_samples: 8                 # random draws (grid: repeats of the grid)
     max_concurrent: 2
-    resources_per_trial: {cpu: 4, gpu: 1}
+    resources_per_trial: {cpu: 4, gpu: 1}  # per process; gpu at most 1 (a process drives one GPU);
+                                   # workers: N runs each trial as N DDP ranks of that size (Ray
+                                   # Train's TorchTrainer, see tune_workers.py): gpu: 1, workers: 4
     max_failures: 2                # retries of a failed trial, from its last checkpoint
     metric: val_srcc_best          # or val_srcc, val_plcc, val_krcc, val_rmse (the epoch's)
     mode: max
@@ -101,6 +103,7 @@ LOGGERS = ("csv", "json", "tensorboard", "mlflow", "wandb")
 DEFAULT_LOGGERS = ["csv", "json", "tensorboard"]  # Tune's own defaults
 SWEEP_KEYS = ("base", "overrides", "space", "scheduler", "search", "seed", "num_samples", "max_concurrent",
               "resources_per_trial", "max_failures", "metric", "mode", "loggers", "storage_path", "name")
+DRIVER_MEMORY = 1 << 20  # bytes a trial of several ranks reserves for itself (tune_workers.py)
 CLUSTER_WAIT_S = 60  # for a node of a running cluster big enough for one trial
 SET_BY_SWEEP = ("run_dir", "resume", "rounds", "overwrite", "allow_changed")  # per trial, or meaningless in one
 # Overrides that size a trial, not the recipe: best_config.yaml takes these from the base
@@ -131,8 +134,9 @@ class Sweep:
     seed: int = 42  # of the search: the same sweep proposes the same trials
     num_samples: int = 8
     max_concurrent: int | None = None
-    cpu: float = 1.0
+    cpu: float = 1.0  # per rank, as Ray Train's ScalingConfig counts them
     gpu: float = 0.0
+    workers: int = 1  # ranks per trial
     max_failures: int = 1
     metric: str = RUNNING_BEST
     mode: str = "max"
@@ -305,9 +309,9 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
             if "low" in spec and "num" not in spec:
                 raise ConfigError(f"{where}: space.{key}: search grid needs num (points of the range)")
     resources = _typed(raw, "resources_per_trial", dict, {}, where)
-    extra = sorted(set(resources) - {"cpu", "gpu"})
+    extra = sorted(set(resources) - {"cpu", "gpu", "workers"})
     if extra:
-        raise ConfigError(f"{where}: resources_per_trial.{extra[0]}: only cpu and gpu can be given")
+        raise ConfigError(f"{where}: resources_per_trial.{extra[0]}: only workers, cpu and gpu can be given")
     sweep = Sweep(
         base=base, recipe=recipe, space=axes, search=search, seed=_typed(raw, "seed", int, base.seed, where),
         scheduler=parse_scheduler(raw, where, "hyperband" if search == "bohb" else "asha"),
@@ -315,6 +319,7 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
         max_concurrent=_typed(raw, "max_concurrent", int, None, where),
         cpu=float(_typed(resources, "cpu", (int, float), 1, f"{where}: resources_per_trial")),
         gpu=float(_typed(resources, "gpu", (int, float), 0, f"{where}: resources_per_trial")),
+        workers=_typed(resources, "workers", int, 1, f"{where}: resources_per_trial"),
         max_failures=_typed(raw, "max_failures", int, 1, where),
         metric=_one_of(raw, "metric", (RUNNING_BEST, *VAL_METRICS), RUNNING_BEST, where),
         mode=_one_of(raw, "mode", ("max", "min"), "max", where), loggers=parse_loggers(raw, where),
@@ -325,12 +330,25 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
     if sweep.scheduler["type"] == "pbt" and "model_size" in axes:
         raise ConfigError(f"{where}: space.model_size: PBT would change a trial's model mid-run, which its "
                           "checkpoint cannot follow; search it with asha or none")
-    if sweep.num_samples < 1 or (sweep.max_concurrent or 1) < 1 or sweep.cpu <= 0:
-        raise ConfigError(f"{where}: num_samples, max_concurrent and resources_per_trial.cpu must be positive")
+    if sweep.num_samples < 1 or (sweep.max_concurrent or 1) < 1 or sweep.cpu <= 0 or sweep.workers < 1:
+        raise ConfigError(f"{where}: num_samples, max_concurrent and resources_per_trial.cpu and .workers "
+                          "must be positive")
     if not 0 <= sweep.seed < 2**32:
         raise ConfigError(f"{where}: seed {sweep.seed}: must be in 0..2**32-1")
+    check_gpus(sweep, where)
     check_search(sweep, where)
     return sweep
+
+
+def check_gpus(sweep: Sweep, where: str) -> None:
+    """A process trains on one GPU: more would be reserved and left idle, and ranks sharing
+    one GPU are refused by NCCL."""
+    if sweep.gpu > 1:
+        raise ConfigError(f"{where}: resources_per_trial.gpu {sweep.gpu:g}: a trial process trains on one "
+                          f"GPU; for {sweep.gpu:g} GPUs per trial ask workers: {math.ceil(sweep.gpu)}, gpu: 1")
+    if sweep.workers > 1 and 0 < sweep.gpu < 1:
+        raise ConfigError(f"{where}: resources_per_trial.gpu {sweep.gpu:g}: with workers {sweep.workers} each "
+                          "rank needs a GPU of its own (gpu: 1) or none (gpu: 0)")
 
 
 def load_sweep(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Sweep:
@@ -457,8 +475,13 @@ def trial_dirname(trial: Any) -> str:
 
 
 def trainable(sweep: Sweep) -> Any:
-    fn = tune.with_parameters(run_trial, base=to_dict(sweep.base), experiment_dir=str(sweep.experiment_dir))
-    return tune.with_resources(fn, {"cpu": sweep.cpu, "gpu": sweep.gpu})
+    ranks = {"workers": sweep.workers, "cpu": sweep.cpu, "gpu": sweep.gpu} if sweep.workers > 1 else None
+    fn = tune.with_parameters(run_trial, base=to_dict(sweep.base), experiment_dir=str(sweep.experiment_dir),
+                              ranks=ranks)
+    # Several ranks: Ray Train reserves them, and the trial only drives them. Tune needs some
+    # resource per trial: a token of memory, as a CPU or a fraction of one would keep a rank
+    # off its node. fit_to_cluster bounds how many trials run at once (Tune cannot see the ranks).
+    return tune.with_resources(fn, {"memory": DRIVER_MEMORY} if ranks else {"cpu": sweep.cpu, "gpu": sweep.gpu})
 
 
 def make_tuner(sweep: Sweep, resume: bool, callbacks: Sequence[tune.Callback] = ()) -> tune.Tuner:
@@ -521,25 +544,45 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def fit_to_cluster(sweep: Sweep, gpus: float, node_cpus: float | None = None) -> Sweep:
-    """The sweep with no more concurrent trials than the cluster's ``gpus`` hold. Trials
-    that ask for GPUs a cluster does not have, or for more CPUs than its largest node has
-    (``node_cpus``; None: not checked), wait for them forever, without a word: refused here
-    instead; and more concurrent trials than fit only queue up."""
+def fit_to_cluster(sweep: Sweep, gpus: float, node_cpus: float | None = None,
+                   cpus: float | None = None) -> Sweep:
+    """The sweep with no more concurrent trials than the cluster's ``gpus`` hold (and its
+    ``cpus``, for trials of several ranks, whose reservation Tune cannot see). Trials that
+    ask for GPUs a cluster does not have, or for more CPUs than its largest node has
+    (``node_cpus``: a rank runs on one node) or than it has in all (``cpus``; None: not
+    checked), wait for them forever, without a word: refused here instead; and more
+    concurrent trials than fit only queue up."""
     if node_cpus is not None and sweep.cpu > node_cpus:
         raise ConfigError(f"resources_per_trial.cpu {sweep.cpu:g}: the Ray cluster's largest node has "
                           f"{node_cpus:g} CPU(s) (a trial runs on one node); ask cpu: {node_cpus:g} or fewer")
-    if sweep.gpu <= 0:
+    if cpus is not None and sweep.workers > 1 and sweep.workers * sweep.cpu > cpus:
+        raise ConfigError(f"{asked(sweep, 'cpu')}: the Ray cluster has {cpus:g} CPU(s); ask fewer workers or cpu")
+    fits = {}
+    if sweep.gpu > 0:
+        fits["GPU"] = int(gpus // (sweep.workers * sweep.gpu))
+        if fits["GPU"] == 0:
+            raise ConfigError(f"{asked(sweep, 'gpu')}: the Ray cluster has {gpus:g} GPU(s); give the job GPUs "
+                              "(--gres=gpu:N, GPUS_PER_NODE) or ask gpu: 0")
+    if cpus is not None and sweep.workers > 1:
+        fits["CPU"] = int(cpus // (sweep.workers * sweep.cpu))
+    if not fits:
         return sweep
-    fit = int(gpus // sweep.gpu)
-    if fit == 0:
-        raise ConfigError(f"resources_per_trial.gpu {sweep.gpu:g}: the Ray cluster has {gpus:g} GPU(s); "
-                          "give the job GPUs (--gres=gpu:N, GPUS_PER_NODE) or ask gpu: 0")
+    kind, fit = min(fits.items(), key=lambda item: item[1])
     if sweep.max_concurrent is None or sweep.max_concurrent > fit:
-        print(f"max_concurrent {sweep.max_concurrent or 'unset'} -> {fit}: {gpus:g} GPU(s) hold {fit} "
-              f"trial(s) of {sweep.gpu:g} GPU at once", file=sys.stderr, flush=True)
+        per_trial = sweep.workers * (sweep.gpu if kind == "GPU" else sweep.cpu)
+        total = gpus if kind == "GPU" else cpus
+        print(f"max_concurrent {sweep.max_concurrent or 'unset'} -> {fit}: {total:g} {kind}(s) hold {fit} "
+              f"trial(s) of {per_trial:g} {kind} at once", file=sys.stderr, flush=True)
         return replace(sweep, max_concurrent=fit)
     return sweep
+
+
+def asked(sweep: Sweep, kind: str) -> str:
+    """What a trial asks of ``kind`` (cpu, gpu), as an error names it."""
+    each = getattr(sweep, kind)
+    if sweep.workers == 1:
+        return f"resources_per_trial.{kind} {each:g}"
+    return f"resources_per_trial: workers {sweep.workers} x {kind} {each:g} = {sweep.workers * each:g} per trial"
 
 
 def node_cpus(need: float, wait_s: float) -> float:
@@ -557,13 +600,14 @@ def node_cpus(need: float, wait_s: float) -> float:
 def local_cpus(sweep: Sweep) -> int:
     """A local Ray's size: the concurrent trials' CPUs, else the machine. A trial asking for
     more CPUs than the machine has is refused: the Ray, sized to it, would pretend to have them."""
-    machine = os.cpu_count() or 1
-    if sweep.cpu > machine:
-        raise ConfigError(f"resources_per_trial.cpu {sweep.cpu:g}: this machine has {machine} CPU(s), all a "
-                          f"private local Ray gives; ask cpu: {machine} or fewer, or join a cluster (--address)")
+    machine, need = os.cpu_count() or 1, sweep.cpu * sweep.workers
+    if need > machine:
+        ask = "workers x cpu" if sweep.workers > 1 else "cpu:"
+        raise ConfigError(f"{asked(sweep, 'cpu')}: this machine has {machine} CPU(s), all a private local Ray "
+                          f"gives; ask {ask} {machine} or fewer, or join a cluster (--address)")
     if sweep.max_concurrent:
-        return math.ceil(sweep.cpu * sweep.max_concurrent)
-    return max(os.cpu_count() or 1, math.ceil(sweep.cpu))
+        return math.ceil(need * sweep.max_concurrent)
+    return max(machine, math.ceil(need))
 
 
 # ---------------------------------------------------------------- one trial (on a Ray worker)
@@ -594,15 +638,19 @@ def append_row(path: Path, row: dict[str, float]) -> None:
         writer.writerow(row)
 
 
-def report_epoch(log: Path, epoch: int, row: dict[str, float], checkpoint_dir: Path) -> None:
-    """Log the epoch to the trial's own epochs.csv, then report it with its checkpoint to Tune.
+def stage_report(log: Path, row: dict[str, float], checkpoint_dir: Path) -> tuple[dict[str, float], Path]:
+    """Log the epoch to the trial's own epochs.csv; the row and checkpoint to report to Tune.
 
     The log is what the trial computed, restarts included; Tune's progress.csv and
     result.json can lose rows when a trial restarts (it copies them back from storage). The
     run's best weights travel in the checkpoint (as best/), so that a trial restarted
     elsewhere or cloned by PBT still has the weights it selected, and the best val SRCC so far
-    (RUNNING_BEST) comes from the checkpoint's trainer state, which travels with them."""
-    row = dict(row, **{RUNNING_BEST: read_trainer_state(checkpoint_dir)["best_srcc"]})
+    (RUNNING_BEST) comes from the checkpoint's trainer state, which travels with them. The
+    world size is the process group's: what the trial really trained on."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    row = dict(row, **{RUNNING_BEST: read_trainer_state(checkpoint_dir)["best_srcc"], "world_size": world})
     append_row(log, dict(row, node=socket.gethostname()))  # where it ran: a retried trial may move
     stage = checkpoint_dir.parent / ".tune-report"  # hard links: no copy of the weights
     shutil.rmtree(stage, ignore_errors=True)
@@ -610,10 +658,18 @@ def report_epoch(log: Path, epoch: int, row: dict[str, float], checkpoint_dir: P
     best = checkpoint_dir.parent / "best"
     if best.is_dir():
         shutil.copytree(best, stage / "best", copy_function=os.link)
+    return row, stage
+
+
+def report_staged(row: dict[str, float], stage: Path) -> None:
     try:
         tune.report(dict(row), checkpoint=tune.Checkpoint.from_directory(str(stage)))
     finally:  # report() has copied it to the trial's storage by now
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def report_epoch(log: Path, epoch: int, row: dict[str, float], checkpoint_dir: Path) -> None:
+    report_staged(*stage_report(log, row, checkpoint_dir))
 
 
 def restore_best(checkpoint: Path, run_dir: Path) -> None:
@@ -623,26 +679,34 @@ def restore_best(checkpoint: Path, run_dir: Path) -> None:
         shutil.copytree(checkpoint / "best", best)
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], experiment_dir: str) -> None:
-    """One trial: a training run in <trial dir>/run, continued from Tune's checkpoint if any."""
+def run_trial(params: dict[str, Any], base: dict[str, Any], experiment_dir: str,
+              ranks: dict[str, Any] | None = None) -> None:
+    """One trial: a training run in <trial dir>/run, continued from Tune's checkpoint if any;
+    in this process, or on ``ranks`` (workers, cpu and gpu per rank) of Ray Train."""
     from .train import train
 
     context = tune.get_context()
     run_dir = Path(experiment_dir) / Path(context.get_trial_dir()).name / "run"
     cfg = replace(from_dict(params, from_dict(base)), run_dir=str(run_dir), resume=None)
-    limit_threads(context.get_trial_resources().required_resources.get("CPU", 1))
-    reset_accelerate()
-    report = partial(report_epoch, run_dir.parent / EPOCH_LOG)
+    log = run_dir.parent / EPOCH_LOG
+    if ranks:
+        from .tune_workers import run_ranks
+
+        launch = partial(run_ranks, log=log, **ranks)
+    else:
+        limit_threads(context.get_trial_resources().required_resources.get("CPU", 1))
+        reset_accelerate()
+        launch = partial(train, callbacks=[partial(report_epoch, log)], lock=False)
     checkpoint = tune.get_checkpoint()
     # Tune owns the trial's directory (no lock: it may restart the trial on another node): a
     # trial without a checkpoint starts afresh, one with a checkpoint resumes it, with the
     # values PBT may have changed (an exploit loads another trial's checkpoint).
     if checkpoint is None:
-        train(replace(cfg, overwrite=True), callbacks=[report], lock=False)
+        launch(replace(cfg, overwrite=True))
         return
     with checkpoint.as_directory() as path:
         restore_best(Path(path), run_dir)
-        train(replace(cfg, resume=str(path), allow_changed=list(params)), callbacks=[report], lock=False)
+        launch(replace(cfg, resume=str(path), allow_changed=list(params)))
 
 
 # ---------------------------------------------------------------- results
@@ -683,6 +747,7 @@ def trial_table(grid: tune.ResultGrid, params: Sequence[str], metric: str = "val
             "failures": trial.run_metadata.num_failures,
             "retried": trial.run_metadata.num_failures > 0,  # restarted from its last checkpoint
             "node": nodes_of(hist),
+            "world_size": int(hist["world_size"].iloc[-1]) if "world_size" in hist and len(hist) else 0,
             "error": str(result.error).strip().splitlines()[-1] if result.error else "",
             "run_dir": str(Path(result.path) / "run"),
         })
@@ -793,7 +858,8 @@ def run_sweep(sweep: Sweep | dict[str, Any], *, address: str | None = None, resu
     try:
         with ray_cluster(address, size):
             cpus = node_cpus(sweep.cpu, CLUSTER_WAIT_S if address else 0)
-            sweep = fit_to_cluster(sweep, ray.cluster_resources().get("GPU", 0.0), cpus)
+            sweep = fit_to_cluster(sweep, ray.cluster_resources().get("GPU", 0.0), cpus,
+                                   ray.cluster_resources().get("CPU", 0.0))
             with environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # else Tune adds its default loggers
                 grid = fit(make_tuner(sweep, resume, callbacks))
             return write_outputs(grid, sweep)

@@ -22,7 +22,7 @@
 #   GPUS_PER_NODE     GPUs Ray may use on each node (default: the job's GPUs per node, from
 #                     Slurm's variables, CUDA_VISIBLE_DEVICES or nvidia-smi; 0, said in the
 #                     log, when none is allocated or visible). The sweep runs at most
-#                     nodes x GPUS_PER_NODE / resources_per_trial.gpu trials at once
+#                     nodes x GPUS_PER_NODE / (resources_per_trial.workers x gpu) trials at once
 #                     (iqa_dist.tune lowers max_concurrent to that, and refuses a sweep
 #                     whose trials need GPUs the cluster does not have).
 #   IQA_RAY_TMP       Ray's temp dir on every node; keep it short, Ray's unix socket paths

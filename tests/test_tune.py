@@ -19,13 +19,17 @@ import pandas as pd
 import pytest
 import ray
 import timm
+import torch
 import yaml
 from ray import tune as ray_tune
 from ray.tune.search import ConcurrencyLimiter
+from safetensors.torch import load_file
 
 from iqa_dist import tune, weights
 from iqa_dist.config import ConfigError, load_yaml
 from iqa_dist.models.backbones import BACKBONES
+
+from conftest import free_port
 
 REPO = Path(__file__).parents[1]
 SEARCHED = ["dropout_rate", "drop_path_rate", "lr", "ranking_loss_alpha"]
@@ -107,6 +111,47 @@ def test_a_failed_trial_is_retried_from_its_checkpoint(small_shards, tmp_path, l
     assert row["compute_epochs"] == 3  # epoch 1 came from the checkpoint, not trained again
     results = json.loads((Path(row["run_dir"]) / "results.json").read_text())
     assert results["epochs_run"] == 3
+
+
+@pytest.mark.slow
+def test_a_trial_of_two_ranks_retried_ends_as_a_two_rank_launch_of_its_config(small_shards, tmp_path, local_ray):
+    """workers: 2 runs the trial as 2 gloo ranks (Ray Train's TorchTrainer): the world size
+    comes from the process group; killed after its first checkpoint (its driver, and with it
+    the ranks), the trial is retried from it and ends with the weights of an uninterrupted
+    `accelerate launch` on 2 ranks."""
+    config, launched = tmp_path / "launched.yaml", tmp_path / "launched"
+    config.write_text(yaml.safe_dump(micro(small_shards, lr=1e-3, run_dir=str(launched),
+                                           shards_root=str(Path("shards").absolute()))))  # as the sweep makes it
+    launch = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(REPO / "launch/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+                               "-m", "iqa_dist.train", "--config", str(config)], cwd=REPO,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)  # meanwhile: the machine has 2 cores
+    sweep = sweep_dict(small_shards, tmp_path, num_samples=1, scheduler="none",
+                       space={"lr": {"type": "choice", "values": [1e-3]}},
+                       resources_per_trial={"workers": 2, "cpu": 1})
+    killer = KillFirstTrialOnce()
+    try:
+        row = tune.run_sweep(sweep, callbacks=[killer]).iloc[0]
+    finally:
+        err = launch.communicate(timeout=300)[1]
+    assert launch.returncode == 0, err[-3000:]
+    assert killer.killed == [row["trial_id"]]
+    assert (row["status"], row["failures"], row["world_size"], row["epochs_run"]) == ("TERMINATED", 1, 2, 2)
+    trial = Path(row["run_dir"])
+    results = json.loads((trial / "results.json").read_text())
+    assert (results["world_size"], results["backend"]) == (2, "gloo")
+    assert set(pd.read_csv(trial.parent / tune.EPOCH_LOG)["world_size"]) == {2}
+    assert json.loads((launched / "results.json").read_text())["world_size"] == 2
+
+    ours, theirs = (yaml.safe_load((run / "config.yaml").read_text()) for run in (trial, launched))
+    assert ours["run_dir"] == str(trial)  # and the rest but how it started: the same config
+    assert {k for k in ours if ours[k] != theirs[k]} <= {"run_dir", "overwrite", "resume", "allow_changed"}
+    ours, theirs = (load_file(str(run / "checkpoints" / "last" / "model.safetensors")) for run in (trial, launched))
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    first = load_file(str(sorted((trial / "checkpoints").glob("step-*"))[0] / "model.safetensors"))
+    assert any(not torch.equal(first[k], ours[k]) for k in ours)  # the second epoch moved them: a real check
 
 
 def finished_trials(experiment: Path) -> int:
@@ -214,6 +259,12 @@ def test_sigterm_stops_a_sweep_in_one_line_with_the_resume_command(small_shards,
     ({"loggers": ["mlflow", "comet"]},
      "loggers: unknown 'comet'; choices: csv, json, tensorboard, mlflow, wandb"),
     ({"loggers": "mlflow"}, "loggers: expected a list of csv, json, tensorboard, mlflow, wandb"),
+    ({"resources_per_trial": {"gpu": 2}},  # a process would train on one of the two
+     "resources_per_trial.gpu 2: a trial process trains on one GPU; for 2 GPUs per trial ask workers: 2, gpu: 1"),
+    ({"resources_per_trial": {"workers": 2, "gpu": 0.5}},
+     "resources_per_trial.gpu 0.5: with workers 2 each rank needs a GPU of its own (gpu: 1) or none"),
+    ({"resources_per_trial": {"workers": 0}}, "resources_per_trial.cpu and .workers must be positive"),
+    ({"resources_per_trial": {"nodes": 2}}, "resources_per_trial.nodes: only workers, cpu and gpu can be given"),
 ])
 def test_a_bad_sweep_file_names_the_file_and_the_key(tmp_path, change, message, capsys):
     path = tmp_path / "bad.yaml"
@@ -245,6 +296,35 @@ def test_concurrency_matches_the_gpus_the_sweep_was_given(small_shards, tmp_path
     sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, max_concurrent=asked,
                                         resources_per_trial={"cpu": 1, "gpu": gpu}))
     assert tune.fit_to_cluster(sweep, gpus).max_concurrent == runs
+
+
+@pytest.mark.parametrize("resources, asked, gpus, cpus, runs", [
+    ({"workers": 2, "cpu": 1}, None, 0.0, 6.0, 3),  # Tune cannot see the ranks: the CPUs bound it
+    ({"workers": 2, "cpu": 1}, 1, 0.0, 6.0, 1),  # fewer: kept
+    ({"workers": 2, "cpu": 1, "gpu": 1}, 4, 4.0, 64.0, 2),  # 4 GPUs hold 2 trials of 2 ranks
+])
+def test_concurrent_trials_of_several_ranks_fit_the_cluster(small_shards, tmp_path, resources, asked, gpus,
+                                                            cpus, runs):
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, max_concurrent=asked, resources_per_trial=resources))
+    assert tune.fit_to_cluster(sweep, gpus, cpus / 2, cpus).max_concurrent == runs
+
+
+def test_trials_of_more_ranks_than_the_cluster_holds_are_refused(small_shards, tmp_path):
+    def refused(resources: dict, gpus: float, cpus: float) -> str:
+        sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial=resources))
+        with pytest.raises(ConfigError) as err:
+            tune.fit_to_cluster(sweep, gpus, cpus, cpus)
+        return str(err.value)
+
+    assert refused({"workers": 2, "cpu": 2}, 0.0, 2.0).startswith(
+        "resources_per_trial: workers 2 x cpu 2 = 4 per trial: the Ray cluster has 2 CPU(s)")
+    assert refused({"workers": 2, "cpu": 1, "gpu": 1}, 1.0, 8.0).startswith(
+        "resources_per_trial: workers 2 x gpu 1 = 2 per trial: the Ray cluster has 1 GPU(s)")
+    machine = os.cpu_count()
+    sweep = tune.parse_sweep(sweep_dict(small_shards, tmp_path, resources_per_trial={"workers": machine, "cpu": 2}))
+    with pytest.raises(ConfigError, match=rf"^resources_per_trial: workers {machine} x cpu 2 = {2 * machine} per "
+                                          rf"trial: this machine has {machine} CPU\(s\)"):
+        tune.local_cpus(sweep)
 
 
 def test_trials_needing_gpus_on_a_cluster_without_are_refused(small_shards, tmp_path):
