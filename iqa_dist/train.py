@@ -319,8 +319,9 @@ class Trainer:
         gathered), so all take part in the gathering of the weights or none does."""
         if not improved and not ranked:
             return
-        weights = ckpt.as_fp32(self.accelerator.get_state_dict(self.model))  # gathers ZeRO-3 shards
+        weights = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards, to rank 0 only
         if self.main:
+            weights = ckpt.as_fp32(weights)
             metrics = dict(metrics, label_card=self.card)
             need = 2 * (improved + ranked) * self.weight_bytes()  # fp32 of bf16, in one folder or two
             with ckpt.space_for(self.run_dir, "the best weights", need):
