@@ -6,6 +6,7 @@ import json
 import re
 import struct
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,7 +58,12 @@ def test_mlflow_store_in_the_run_dir_and_a_resumed_run_continues_its_steps(small
         lost.add_scalar("train/loss", -1.0, 6)
     # named to be read after the first run's events and before the resumed run's, as it would be
     [first], [made] = tb.glob("events.*"), (tmp_path / "lost").glob("events.*")
-    made.rename(tb / f"events.out.tfevents.{first.name.split('.')[3]}.~lost")
+    started = int(first.name.split('.')[3])
+    made.rename(tb / f"events.out.tfevents.{started}.~lost")
+    # TensorBoard reads a folder's files in name order, and names start with the second they
+    # were opened: a resume opened within the first run's second would be read before the lost file
+    while int(time.time()) <= started:
+        time.sleep(0.05)
     train(replace(cfg, epochs=2, resume="latest"))  # the same MLflow run, from global step 4 on
     events = EventAccumulator(str(tb)).Reload().Scalars("train/loss")
     assert [e.step for e in events] == STEPS and events[2].value != -1.0  # the resumed run's step 6
