@@ -25,6 +25,7 @@ from torch import nn
 
 from . import atomic
 from .data.stream import _normalisation, grid_positions
+from .images import KONIQ_SIZE, SEED_SIZE
 from .scoring import training_resize
 from .tools import Trained, check_out, label_scale, load_trained
 
@@ -32,7 +33,7 @@ EXIT_ERROR = 2
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
 # Pack's policies that give every image one size: (height, width); koniq keeps a photo's
 # orientation, so landscape is the default and portrait photos need --size 512x384.
-FIXED_SIZES = {"seed": (512, 384), "koniq": (384, 512)}
+FIXED_SIZES = {"seed": SEED_SIZE[::-1], "koniq": KONIQ_SIZE[::-1]}
 
 
 class WholeImage(nn.Module):

@@ -140,6 +140,11 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
 
 # ---------------------------------------------------------------- pack's resize policies
 
+# (width, height) of the policies that fix an image's size: seed's for every image, koniq's
+# for a landscape one (a portrait one is turned: height x width)
+SEED_SIZE = (384, 512)
+KONIQ_SIZE = (512, 384)
+
 
 def check_resize(policy: str) -> str:
     """``policy`` when it is one of pack's resize policies, else a ValueError saying so."""
@@ -160,9 +165,9 @@ def resize_policy(img: Image.Image, policy: str) -> Image.Image | None:
     if check_resize(policy) == "none":
         return None
     if policy == "seed":
-        return None if img.size == (384, 512) else img.resize((384, 512), Image.Resampling.BILINEAR)
+        return None if img.size == SEED_SIZE else img.resize(SEED_SIZE, Image.Resampling.BILINEAR)
     if policy == "koniq":
-        size = (512, 384) if img.width >= img.height else (384, 512)
+        size = KONIQ_SIZE if img.width >= img.height else KONIQ_SIZE[::-1]
     else:  # short:N
         scale = int(policy.removeprefix("short:")) / min(img.size)
         if scale >= 1:

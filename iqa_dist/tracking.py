@@ -55,10 +55,7 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, step: int) -> No
     if "mlflow" in cfg.log_with and "MLFLOW_TRACKING_URI" not in os.environ:
         import mlflow
 
-        # A store beside the checkpoints, readable without a server or a database library
-        # (mlflow-skinny has none); MLflow 3 keeps file stores behind this switch
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
+        mlflow.set_tracking_uri(mlflow_file_store(run_dir))
     if "wandb" in cfg.log_with:
         ids.setdefault("wandb", uuid.uuid4().hex[:8])  # W&B takes an id chosen up front
     accelerator.init_trackers(cfg.tracker_project, config=config, init_kwargs=init_kwargs(run_dir, ids, step))
@@ -66,6 +63,14 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, step: int) -> No
         ids["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
     if ids:
         atomic.write_text(run_dir / IDS, json.dumps(ids, indent=1))
+
+
+def mlflow_file_store(folder: Path) -> str:
+    """The URI of an MLflow store in ``folder``/mlruns: beside the checkpoints, readable without
+    a server or a database library (mlflow-skinny has none). MLflow 3 keeps file stores behind
+    a switch, which readers of the store need too."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return (folder / "mlruns").as_uri()
 
 
 def saved_ids(run_dir: Path) -> dict[str, str]:

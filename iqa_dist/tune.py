@@ -445,12 +445,9 @@ def mlflow_logger(sweep: Sweep) -> tune.Callback:
     """One MLflow run per trial, in MLFLOW_TRACKING_URI or else a file store in the sweep's folder."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        # readable without a server or a database library (mlflow-skinny has none); MLflow 3
-        # keeps file stores behind this switch
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        uri = (sweep.experiment_dir / "mlruns").as_uri()
+    from .tracking import mlflow_file_store
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_file_store(sweep.experiment_dir)
     return MLflowLoggerCallback(tracking_uri=uri, experiment_name=sweep.name)
 
 
